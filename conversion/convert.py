@@ -1,0 +1,230 @@
+"""HF Olmo 3 directory <-> Pare Megatron checkpoint, streaming one tensor at a time.
+
+Import builds the Megatron model once (TP=1, PP=1, no random init), fills each parameter from the
+HF safetensors as it is read, and saves with megatron.core.dist_checkpointing: the checkpoint then
+loads at any TP/PP. Export loads at TP=1/PP=1 and writes HF safetensors shard by shard. Neither holds
+two copies of the model. Everything is validated before work starts, and written to a temporary
+directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from conversion import olmo3 as bridge
+from pare_nemo.checkpoint import (
+    TOKENIZER_DIR,
+    atomic_output_dir,
+    check_output_dir,
+    load_model,
+    read_model_config,
+    save_model,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that Pare cannot convert; the message says why."""
+
+
+# ---------------------------------------------------------------- validation (headers only)
+
+
+def _read_safetensors_header(file: Path) -> dict:
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupted safetensors file {file}: {e}") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        numel = 1
+        for s in info["shape"]:
+            numel *= s
+        if end > data_size or end - start != numel * _ST_DTYPES.get(info["dtype"], 0):
+            raise CheckpointError(
+                f"corrupted or truncated safetensors file {file}: tensor {name} does not fit")
+    return header
+
+
+def load_hf_config(hf_path: str | os.PathLike):
+    """The HF config of an Olmo 3 checkpoint directory, or a clear error saying what was found."""
+    from transformers import AutoConfig
+
+    hf_path = Path(hf_path)
+    if not hf_path.is_dir():
+        raise CheckpointError(f"HF checkpoint directory {hf_path} does not exist")
+    cfg_file = hf_path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{hf_path} has no config.json: not a Hugging Face model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupted {cfg_file}: {e}") from None
+    archs = raw.get("architectures") or []
+    if raw.get("model_type") != "olmo3" or (archs and archs[0] not in bridge.SUPPORTED_ARCHITECTURES):
+        found = archs[0] if archs else raw.get("model_type", "unknown")
+        raise CheckpointError(
+            f"{hf_path} holds a {found} model (model_type={raw.get('model_type')!r}); Pare supports "
+            f"Olmo 3 checkpoints ({', '.join(bridge.SUPPORTED_ARCHITECTURES)}, model_type 'olmo3')")
+    cfg = AutoConfig.from_pretrained(hf_path)
+    if cfg.tie_word_embeddings:
+        raise CheckpointError("tied word embeddings are not supported (Olmo 3 does not tie them)")
+    return cfg
+
+
+def index_hf_weights(hf_path: Path, hf_config) -> dict[str, Path]:
+    """Map every expected HF tensor name to its safetensors file, checking names and shapes."""
+    index = hf_path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"corrupted {index}: {e}") from None
+        files = sorted(set(weight_map.values()))
+    elif (hf_path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{hf_path} has no model.safetensors or model.safetensors.index.json "
+            "(only safetensors checkpoints are supported)")
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple] = {}
+    for name in files:
+        f = hf_path / name
+        if not f.exists():
+            raise CheckpointError(f"missing weight file {f} (listed in the index)")
+        for t, info in _read_safetensors_header(f).items():
+            where[t] = f
+            shapes[t] = tuple(info["shape"])
+    expected = bridge.hf_shapes(hf_config)
+    missing = [n for n in expected if n not in where]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors missing from {hf_path}, e.g. {missing[:3]}")
+    wrong = [(n, shapes[n], s) for n, s in expected.items() if shapes[n] != s]
+    if wrong:
+        n, got, want = wrong[0]
+        raise CheckpointError(f"{len(wrong)} tensors have unexpected shapes, e.g. {n}: {got} != {want}")
+    return where
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
+              dtype: str | None = None) -> Path:
+    """HF Olmo 3 directory -> Pare Megatron checkpoint (loadable at any TP/PP)."""
+    from safetensors import safe_open
+
+    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.parallel import distributed
+
+    hf_path = Path(hf_path)
+    hf_config = load_hf_config(hf_path)
+    where = index_hf_weights(hf_path, hf_config)
+    check_output_dir(megatron_path, overwrite)
+    torch_dtype = getattr(torch, dtype) if dtype else bridge.hf_dtype(hf_config)
+    padded = bridge.padded_vocab_size(hf_config.vocab_size)
+
+    with distributed(tp=1, pp=1), atomic_output_dir(megatron_path, overwrite) as tmp:
+        cfg = bridge.megatron_config(hf_config, dtype=torch_dtype, use_cpu_initialization=True,
+                                     perform_initialization=False)
+        model = build_olmo3_model(cfg, padded)
+        params = model.state_dict(keep_vars=True)
+        handles = {}
+        try:
+            for mname, hnames, kind in bridge.expand(hf_config.num_hidden_layers):
+                parts = []
+                for h in hnames:
+                    f = where[h]
+                    if f not in handles:
+                        handles[f] = safe_open(f, framework="pt")
+                    parts.append(handles[f].get_tensor(h))
+                params[mname].data.copy_(bridge.to_megatron(kind, parts, hf_config))
+                del parts
+        finally:
+            handles.clear()
+        hf_config.dtype = torch_dtype
+        save_model(model, tmp, hf_config, padded, torch_dtype)
+        del model, params
+        tok = tmp / TOKENIZER_DIR
+        tok.mkdir()
+        for f in hf_path.iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(f, tok / f.name)
+    return Path(megatron_path)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_hf(megatron_path: str, hf_path: str, overwrite: bool = False,
+              max_shard_size: int = 5 * 2**30) -> Path:
+    """Pare Megatron checkpoint -> HF directory that AutoModelForCausalLM / AutoTokenizer load."""
+    from safetensors.torch import save_file
+
+    from pare_nemo.parallel import distributed
+
+    megatron_path = Path(megatron_path)
+    hf_config, _, dtype = read_model_config(megatron_path)  # clear error if not a checkpoint
+    check_output_dir(hf_path, overwrite)
+
+    with distributed(tp=1, pp=1), atomic_output_dir(hf_path, overwrite) as tmp:
+        model, hf_config = load_model(megatron_path, use_cpu_initialization=True)
+        params = model.state_dict()
+        shard: dict[str, torch.Tensor] = {}
+        shard_bytes, files, weight_map = 0, [], {}
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard:
+                name = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                files.append(name)
+                weight_map.update({k: name for k in shard})
+                shard, shard_bytes = {}, 0
+
+        for mname, hnames, kind in bridge.expand(hf_config.num_hidden_layers):
+            for h, t in zip(hnames, bridge.to_hf(kind, params[mname], hf_config)):
+                nbytes = t.numel() * t.element_size()
+                if shard and shard_bytes + nbytes > max_shard_size:
+                    flush()
+                shard[h] = t.contiguous()
+                shard_bytes += nbytes
+        flush()
+        del model, params
+        if len(files) == 1:
+            (tmp / files[0]).rename(tmp / "model.safetensors")
+        else:
+            total = sum((tmp / f).stat().st_size for f in files)
+            n = len(files)
+            renames = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(files)}
+            for old, new in renames.items():
+                (tmp / old).rename(tmp / new)
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total},
+                 "weight_map": {k: renames[v] for k, v in weight_map.items()}}, indent=2))
+        hf_config.architectures = list(bridge.SUPPORTED_ARCHITECTURES)
+        hf_config.dtype = dtype
+        hf_config.save_pretrained(tmp)
+        tok = megatron_path / TOKENIZER_DIR
+        if tok.is_dir():
+            for f in tok.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    return Path(hf_path)

@@ -1,0 +1,204 @@
+"""The Olmo 3 <-> Megatron-Core bridge: a config provider and one declarative table of weight mappings.
+
+Everything Pare knows about how an HF ``Olmo3ForCausalLM`` maps onto Pare's Megatron model lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pare_nemo.model import FULL, SLIDING, Olmo3TransformerConfig
+
+VOCAB_PAD_MULTIPLE = 1024  # padded vocab divisible by 128 x TP for TP up to 8, for any TP saved/loaded
+
+# Megatron config fields Pare sets for Olmo 3 no matter the size.
+_FIXED = dict(
+    normalization="RMSNorm",
+    gated_linear_unit=True,
+    activation_func=F.silu,
+    add_bias_linear=False,
+    add_qkv_bias=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    qk_layernorm=True,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    persist_layer_norm=False,
+)
+
+SUPPORTED_ARCHITECTURES = ("Olmo3ForCausalLM",)
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def hf_dtype(hf_config) -> torch.dtype:
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
+    return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+def megatron_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
+                    sequence_parallel: bool = False, **overrides) -> Olmo3TransformerConfig:
+    """The provider: HF ``Olmo3Config`` -> Pare's ``Olmo3TransformerConfig``."""
+    dtype = dtype or hf_dtype(hf_config)
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads
+    )
+    rope = {t: dict(hf_config.rope_parameters[t]) for t in (SLIDING, FULL)}
+    kw = dict(
+        _FIXED,
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim,
+        head_dim=head_dim,
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        init_method_std=hf_config.initializer_range,
+        layer_types=list(hf_config.layer_types),
+        sliding_window=hf_config.sliding_window,
+        rope_parameters=rope,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kw.update(overrides)
+    return Olmo3TransformerConfig(**kw)
+
+
+def check_parallel_sizes(hf_config, tp: int, pp: int) -> None:
+    """Clear errors for TP/PP that do not divide the model, before any work starts."""
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append(f"tp={tp} and pp={pp} must be >= 1")
+    else:
+        for what, n in (
+            ("num_attention_heads", hf_config.num_attention_heads),
+            ("num_key_value_heads", hf_config.num_key_value_heads),
+            ("intermediate_size", hf_config.intermediate_size),
+            ("hidden_size", hf_config.hidden_size),
+        ):
+            if n % tp:
+                problems.append(f"tp={tp} does not divide {what}={n}")
+        if hf_config.num_hidden_layers % pp:
+            problems.append(f"pp={pp} does not divide num_hidden_layers={hf_config.num_hidden_layers}")
+        if padded_vocab_size(hf_config.vocab_size) % tp:
+            problems.append(f"tp={tp} does not divide the padded vocabulary")
+    if problems:
+        raise ValueError("invalid parallel sizes: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- weight mapping table
+
+
+@dataclass(frozen=True)
+class Mapping:
+    megatron: str  # name in the (TP=1, PP=1) Megatron state dict; {i} = layer index
+    hf: tuple[str, ...]  # HF names it is made of
+    kind: str = "copy"  # copy | qkv | gate_up | vocab
+
+
+L = "decoder.layers.{i}."
+H = "model.layers.{i}."
+MAPPINGS: tuple[Mapping, ...] = (
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+    Mapping(L + "self_attention.linear_qkv.weight",
+            (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight",
+             H + "self_attn.v_proj.weight"), "qkv"),
+    Mapping(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
+    Mapping(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
+    Mapping(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",)),
+    Mapping(L + "post_attention_layernorm.weight", (H + "post_attention_layernorm.weight",)),
+    Mapping(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
+            "gate_up"),
+    Mapping(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",)),
+    Mapping(L + "post_feedforward_layernorm.weight", (H + "post_feedforward_layernorm.weight",)),
+    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Mapping("output_layer.weight", ("lm_head.weight",), "vocab"),
+)
+
+
+def expand(num_layers: int) -> list[tuple[str, tuple[str, ...], str]]:
+    """The table with {i} filled in: (megatron name, hf names, kind) for every tensor."""
+    out = []
+    for m in MAPPINGS:
+        layers = range(num_layers) if "{i}" in m.megatron else [None]
+        for i in layers:
+            out.append((m.megatron.format(i=i), tuple(h.format(i=i) for h in m.hf), m.kind))
+    return out
+
+
+def to_megatron(kind: str, tensors: list[torch.Tensor], hf_config) -> torch.Tensor:
+    if kind == "copy":
+        return tensors[0]
+    if kind == "vocab":
+        t = tensors[0]
+        pad = padded_vocab_size(hf_config.vocab_size) - t.shape[0]
+        return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+    if kind == "gate_up":  # megatron's GLU: first half is the gate (activation applied)
+        return torch.cat(tensors, dim=0)
+    if kind == "qkv":  # per query group: [q heads of the group, k, v]
+        q, k, v = tensors
+        ng = hf_config.num_key_value_heads
+        d = q.shape[0] // hf_config.num_attention_heads
+        hidden = q.shape[1]
+        return torch.cat(
+            [q.reshape(ng, -1, hidden), k.reshape(ng, d, hidden), v.reshape(ng, d, hidden)], dim=1
+        ).reshape(-1, hidden)
+    raise ValueError(kind)
+
+
+def to_hf(kind: str, tensor: torch.Tensor, hf_config) -> list[torch.Tensor]:
+    if kind == "copy":
+        return [tensor]
+    if kind == "vocab":
+        return [tensor[: hf_config.vocab_size]]
+    if kind == "gate_up":
+        return list(torch.chunk(tensor, 2, dim=0))
+    if kind == "qkv":
+        ng, nh = hf_config.num_key_value_heads, hf_config.num_attention_heads
+        hidden = tensor.shape[1]
+        d = tensor.shape[0] // (nh + 2 * ng)
+        g = tensor.reshape(ng, (nh // ng + 2) * d, hidden)
+        q, k, v = torch.split(g, [nh // ng * d, d, d], dim=1)
+        return [q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)]
+    raise ValueError(kind)
+
+
+def hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every HF tensor (to validate a checkpoint before converting it)."""
+    c = hf_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+              "lm_head.weight": (v, h)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+            p + "self_attn.q_norm.weight": (c.num_attention_heads * d,),
+            p + "self_attn.k_norm.weight": (c.num_key_value_heads * d,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "post_feedforward_layernorm.weight": (h,),
+        }
+    return shapes

@@ -1,0 +1,348 @@
+"""Olmo 3 as a Megatron-Core model.
+
+Computes exactly what ``transformers.Olmo3ForCausalLM`` computes, with megatron-core's tensor- and
+pipeline-parallel layers:
+
+    h   = x + post_attention_layernorm(attn(x))          # post-norm, no pre-norms
+    out = h + post_feedforward_layernorm(mlp(h))         # SwiGLU
+    attn: q = q_norm(W_q x), k = k_norm(W_k x)           # RMSNorm over the *whole* q / k projection
+          RoPE per layer type (default theta for sliding layers, YaRN for full layers)
+          sliding-window (``sliding_window`` tokens, self included) or full causal attention
+
+Only the pieces Olmo 3 needs are Pare's own (the layer, the QK norm, the core attention, the RMS
+norm); the projections, MLP, embedding, output layer, block and GPTModel are megatron-core's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    BaseTransformerLayer,
+    get_transformer_layer_offset,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import make_viewless_tensor
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def have_te() -> bool:
+    """Transformer Engine is used only when it imports (never a hard dependency)."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class Olmo3TransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus what Olmo 3 adds, kept per layer so depth pruning
+    can drop layers and keep each remaining layer's attention type and RoPE."""
+
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int = 4096
+    rope_parameters: dict = field(default_factory=dict)  # {layer_type: HF rope dict}
+    head_dim: int = 128
+    max_position_embeddings: int = 65536
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ValueError(f"unknown layer types {sorted(unknown)}; expected {SLIDING}/{FULL}")
+
+
+# ---------------------------------------------------------------- RoPE (per layer type)
+
+
+@lru_cache(maxsize=None)
+def _rope_cached(rope_items: tuple, head_dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
+    from transformers import Olmo3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(rope_items)
+    hf = Olmo3Config(
+        head_dim=head_dim,
+        hidden_size=head_dim,
+        num_attention_heads=1,
+        max_position_embeddings=max_pos,
+        rope_parameters={SLIDING: rope, FULL: rope},
+    )
+    if rope.get("rope_type", "default") == "default":
+        inv_freq = 1.0 / (
+            rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+        )
+        return inv_freq, 1.0
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu", layer_type=FULL)
+    return inv_freq.float(), float(attention_factor)
+
+
+def rope_for_layer_type(config: Olmo3TransformerConfig, layer_type: str):
+    """(inv_freq, attention_factor) computed by transformers' own RoPE init functions."""
+    rope = config.rope_parameters[layer_type]
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
+    return _rope_cached(items, config.head_dim, config.max_position_embeddings)
+
+
+# ---------------------------------------------------------------- norms
+
+
+class Olmo3RMSNorm(torch.nn.Module):
+    """RMSNorm with transformers' exact numerics (fp32 statistics, weight applied in fp32)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.config = config
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
+class Olmo3QKNorm(MegatronModule):
+    """RMSNorm over the whole q (or k) projection, i.e. over all heads, before RoPE.
+
+    Input is megatron's per-rank ``[s, b, heads_local, head_dim]``. Under tensor parallelism each rank
+    holds some heads, so the sum of squares is all-reduced across the TP group (with autograd, so
+    gradients are exact too). The weight is sharded like the heads.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, kind="q"):
+        super().__init__(config=config)
+        from megatron.core import parallel_state as ps
+
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        tp = ps.get_tensor_model_parallel_world_size()
+        heads = config.num_attention_heads if kind == "q" else config.num_query_groups
+        self.full_size = heads * config.kv_channels
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(self.full_size // tp, dtype=config.params_dtype)
+        )
+        setattr(self.weight, "tensor_model_parallel", True)
+        setattr(self.weight, "partition_dim", 0)
+        setattr(self.weight, "partition_stride", 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, shape = x.dtype, x.shape
+        x = x.float().reshape(*shape[:-2], shape[-2] * shape[-1])
+        sumsq = x.pow(2).sum(-1, keepdim=True)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.tp_group) > 1:
+            sumsq = torch.distributed.nn.functional.all_reduce(sumsq, group=self.tp_group)
+        x = x * torch.rsqrt(sumsq / self.full_size + self.eps)
+        return (self.weight * x).to(dtype).reshape(shape)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            sd, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group
+        )
+
+
+# ---------------------------------------------------------------- core attention
+
+
+@lru_cache(maxsize=16)
+def _sliding_block_mask(window: int, q_len: int, kv_len: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class Olmo3CoreAttention(MegatronModule):
+    """Causal attention that never materializes the S x S scores on GPU.
+
+    Full layers use ``scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN kernels); sliding
+    layers use FlexAttention with a sliding-window block mask on GPU. On CPU (tests, demo), sliding
+    layers fall back to SDPA with an explicit boolean mask: the same function.
+    YaRN's attention factor multiplies both cos and sin in transformers, so it scales q.k by its
+    square: that is folded into the softmax scale.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("context parallelism is not supported for Olmo 3 yet")
+        self.layer_type = config.layer_types[layer_number - 1]
+        self.window = config.sliding_window if self.layer_type == SLIDING else None
+        _, attention_factor = rope_for_layer_type(config, self.layer_type)
+        self.scale = attention_factor**2 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by Olmo3CoreAttention")
+        sq, b, np_, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        gqa = k.shape[1] != np_
+        sk = k.shape[2]
+        if self.window is None or self.window >= sk:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=gqa)
+        elif q.is_cuda:
+            mask = _sliding_block_mask(self.window, sq, sk, str(q.device))
+            out = _compiled_flex()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=gqa)
+        else:
+            i = torch.arange(sq, device=q.device)[:, None]
+            j = torch.arange(sk, device=q.device)[None, :]
+            mask = (i >= j) & (i - j < self.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+# ---------------------------------------------------------------- the post-norm layer
+
+
+@dataclass
+class Olmo3LayerSubmodules:
+    self_attention: ModuleSpec
+    mlp: object
+    post_attention_layernorm: type = Olmo3RMSNorm
+    post_feedforward_layernorm: type = Olmo3RMSNorm
+
+
+class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
+    """``h = x + norm(attn(x)); out = h + norm(mlp(h))``. Applies its own layer type's RoPE."""
+
+    def __init__(self, config: Olmo3TransformerConfig, submodules: Olmo3LayerSubmodules,
+                 layer_number: int = 1, pg_collection=None, vp_stage=None, **kwargs):
+        super().__init__(config=config)
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.layer_number = layer_number + get_transformer_layer_offset(
+            config, vp_stage, torch.distributed.get_rank(pg_collection.pp)
+            if torch.distributed.is_initialized() else 0
+        )
+        self.layer_type = config.layer_types[self.layer_number - 1]
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_number=self.layer_number,
+            pg_collection=pg_collection,
+        )
+        self.post_attention_layernorm = submodules.post_attention_layernorm(
+            config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+        self.mlp = submodules.mlp(config=config, pg_collection=pg_collection, is_mtp_layer=False)
+        self.post_feedforward_layernorm = submodules.post_feedforward_layernorm(
+            config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+        inv_freq, _ = rope_for_layer_type(config, self.layer_type)
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+
+    def rotary_freqs(self, seq_len: int, device) -> torch.Tensor:
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(device))
+        return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
+
+    def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
+                **kwargs):
+        # GPTModel's rotary embedding only tells us the full (pre-SP-split) sequence length;
+        # each layer applies the RoPE of its own type.
+        seq_len = rotary_pos_emb.shape[0] if rotary_pos_emb is not None else hidden_states.shape[0]
+        freqs = self.rotary_freqs(seq_len, hidden_states.device)
+        attn, _ = self.self_attention(hidden_states, attention_mask, rotary_pos_emb=(freqs, freqs))
+        hidden_states = hidden_states + self.post_attention_layernorm(attn)
+        mlp, _ = self.mlp(hidden_states)
+        out = hidden_states + self.post_feedforward_layernorm(mlp)
+        out = make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
+        return out, context
+
+
+# ---------------------------------------------------------------- spec and model
+
+
+def olmo3_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    """TE linears when Transformer Engine imports, megatron-core's local ones otherwise."""
+    if use_te is None:
+        use_te = have_te()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear as Col,
+            TERowParallelLinear as Row,
+        )
+    else:
+        Col, Row = ColumnParallelLinear, RowParallelLinear
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=Col,
+            core_attention=Olmo3CoreAttention,
+            linear_proj=Row,
+            q_layernorm=partial(Olmo3QKNorm, kind="q"),
+            k_layernorm=partial(Olmo3QKNorm, kind="k"),
+        ),
+    )
+    mlp = partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=Col, linear_fc2=Row))
+    return ModuleSpec(
+        module=Olmo3TransformerLayer,
+        submodules=Olmo3LayerSubmodules(self_attention=attention, mlp=mlp),
+    )
+
+
+def build_olmo3_model(config: Olmo3TransformerConfig, padded_vocab_size: int,
+                      pre_process: bool = True, post_process: bool = True,
+                      parallel_output: bool = True, use_te: bool | None = None,
+                      vp_stage: int | None = None) -> GPTModel:
+    """Build this pipeline rank's part of the model (model-parallel state must be initialized)."""
+    from megatron.core import parallel_state as ps
+
+    n_local = get_num_layers_to_build(config, vp_stage, ps.get_pipeline_model_parallel_rank())
+    block = TransformerBlockSubmodules(
+        layer_specs=[olmo3_layer_spec(use_te)] * n_local, layer_norm=Olmo3RMSNorm
+    )
+    sliding_theta = config.rope_parameters.get(SLIDING, {}).get("rope_theta", 10000.0)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",  # only used for the sequence length; see the layer
+        rotary_base=int(sliding_theta),
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,110 @@
+"""Process groups, model-parallel state and a pipeline-parallel forward, for every stage.
+
+Under ``torchrun``/``srun`` the usual env variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+are read; without them a single local process group is made. NCCL on GPU, gloo on CPU (with the
+CPU patches of :mod:`pare_nemo.cpu`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from pare_nemo.cpu import apply_cpu_patches
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Initialize torch.distributed (if needed) and megatron-core's model-parallel groups."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+            os.environ["RANK"] = os.environ["SLURM_PROCID"]
+            os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+            os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(tp: int = 1, pp: int = 1):
+    """``with distributed(tp, pp): ...``; tears the groups down only if it created them."""
+    created = not dist.is_initialized()
+    init_distributed(tp, pp)
+    try:
+        yield
+    finally:
+        if created:
+            destroy_distributed()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _unwrap(model):
+    return model[0] if isinstance(model, list) else model
+
+
+@torch.no_grad()
+def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1):
+    """Forward ``tokens`` [B, S] through a (possibly pipeline-parallel) GPTModel with megatron's
+    schedules. Returns the full-vocab logits [B, S, V_padded] on the last pipeline stage (gathered
+    over TP if the model was built with ``parallel_output=False``) and None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    m = _unwrap(model)
+    m.eval()
+    tokens = tokens.to(device())
+    B, S = tokens.shape
+    if B % micro_batch_size:
+        raise ValueError(f"batch {B} not divisible by micro_batch_size {micro_batch_size}")
+    positions = torch.arange(S, device=tokens.device).expand(micro_batch_size, S)
+    chunks = iter(tokens.split(micro_batch_size))
+
+    def step(data_iterator, model):
+        out = model(input_ids=next(data_iterator), position_ids=positions, attention_mask=None)
+        return out, None
+
+    outs = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=chunks, model=[m],
+        num_microbatches=B // micro_batch_size, seq_length=S, micro_batch_size=micro_batch_size,
+        forward_only=True,
+    )
+    if not ps.is_pipeline_last_stage():
+        return None
+    return torch.cat(outs, dim=0)
