@@ -7,8 +7,6 @@ two copies of the model. Everything is validated before work starts, and written
 directory renamed at the end.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import shutil
@@ -28,8 +26,10 @@ from pare_nemo.checkpoint import (
 )
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -51,20 +51,36 @@ def _read_safetensors_header(file: Path) -> dict:
         raise CheckpointError(f"corrupted safetensors file {file}: {e}") from None
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    base = 8 + n
     for name, info in header.items():
         start, end = info["data_offsets"]
         numel = 1
         for s in info["shape"]:
             numel *= s
-        if end > data_size or end - start != numel * _ST_DTYPES.get(info["dtype"], 0):
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None or end > data_size or end - start != numel * dtype.itemsize:
             raise CheckpointError(
                 f"corrupted or truncated safetensors file {file}: tensor {name} does not fit")
+        info["offset"] = base + start
     return header
+
+
+def _read_rows_into(f, info: dict, row_start: int, row_end: int, out: torch.Tensor) -> None:
+    """Read rows [row_start, row_end) of a safetensors tensor straight into ``out`` (contiguous,
+    same dtype) with plain file I/O: no mmap pages left resident, no intermediate copy."""
+    if _ST_DTYPES[info["dtype"]] != out.dtype:
+        raise CheckpointError(f"tensor stored as {info['dtype']} but the model is {out.dtype}; "
+                              "import with the checkpoint's own dtype")
+    row_bytes = out.nbytes // max(out.shape[0], 1) if out.dim() > 1 else out.element_size()
+    f.seek(info["offset"] + row_start * row_bytes)
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    if f.readinto(view) != (row_end - row_start) * row_bytes:
+        raise CheckpointError(f"short read from {f.name}")
 
 
 def load_hf_config(hf_path: str | os.PathLike):
     """The HF config of an Olmo 3 checkpoint directory, or a clear error saying what was found."""
-    from transformers import AutoConfig
+    from transformers import Olmo3Config
 
     hf_path = Path(hf_path)
     if not hf_path.is_dir():
@@ -82,14 +98,15 @@ def load_hf_config(hf_path: str | os.PathLike):
         raise CheckpointError(
             f"{hf_path} holds a {found} model (model_type={raw.get('model_type')!r}); Pare supports "
             f"Olmo 3 checkpoints ({', '.join(bridge.SUPPORTED_ARCHITECTURES)}, model_type 'olmo3')")
-    cfg = AutoConfig.from_pretrained(hf_path)
+    cfg = Olmo3Config.from_pretrained(hf_path)
     if cfg.tie_word_embeddings:
         raise CheckpointError("tied word embeddings are not supported (Olmo 3 does not tie them)")
     return cfg
 
 
-def index_hf_weights(hf_path: Path, hf_config) -> dict[str, Path]:
-    """Map every expected HF tensor name to its safetensors file, checking names and shapes."""
+def index_hf_weights(hf_path: Path, hf_config) -> dict[str, tuple[Path, dict]]:
+    """Map every expected HF tensor name to (safetensors file, header entry), checking names and
+    shapes, from the headers alone."""
     index = hf_path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -103,14 +120,14 @@ def index_hf_weights(hf_path: Path, hf_config) -> dict[str, Path]:
         raise CheckpointError(
             f"{hf_path} has no model.safetensors or model.safetensors.index.json "
             "(only safetensors checkpoints are supported)")
-    where: dict[str, Path] = {}
+    where: dict[str, tuple[Path, dict]] = {}
     shapes: dict[str, tuple] = {}
     for name in files:
         f = hf_path / name
         if not f.exists():
             raise CheckpointError(f"missing weight file {f} (listed in the index)")
         for t, info in _read_safetensors_header(f).items():
-            where[t] = f
+            where[t] = (f, info)
             shapes[t] = tuple(info["shape"])
     expected = bridge.hf_shapes(hf_config)
     missing = [n for n in expected if n not in where]
@@ -129,8 +146,6 @@ def index_hf_weights(hf_path: Path, hf_config) -> dict[str, Path]:
 def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
               dtype: str | None = None) -> Path:
     """HF Olmo 3 directory -> Pare Megatron checkpoint (loadable at any TP/PP)."""
-    from safetensors import safe_open
-
     from pare_nemo.model import build_olmo3_model
     from pare_nemo.parallel import distributed
 
@@ -149,18 +164,19 @@ def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
         handles = {}
         try:
             for mname, hnames, kind in bridge.expand(hf_config.num_hidden_layers):
-                parts = []
-                for h in hnames:
-                    f = where[h]
+                param = params[mname].data
+                rows, blocks = bridge.row_blocks(kind, hf_config, param.shape[0])
+                param[max(d + e - s for _, s, e, d in blocks):].zero_()  # vocab padding rows
+                for i, s, e, d in blocks:
+                    f, info = where[hnames[i]]
                     if f not in handles:
-                        handles[f] = safe_open(f, framework="pt")
-                    parts.append(handles[f].get_tensor(h))
-                params[mname].data.copy_(bridge.to_megatron(kind, parts, hf_config))
-                del parts
+                        handles[f] = open(f, "rb")
+                    _read_rows_into(handles[f], info, s, e, param[d:d + e - s])
         finally:
-            handles.clear()
+            for fh in handles.values():
+                fh.close()
         hf_config.dtype = torch_dtype
-        save_model(model, tmp, hf_config, padded, torch_dtype)
+        save_model(model, tmp, hf_config, padded, torch_dtype, release_model=True)
         del model, params
         tok = tmp / TOKENIZER_DIR
         tok.mkdir()

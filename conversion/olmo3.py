@@ -142,41 +142,45 @@ def expand(num_layers: int) -> list[tuple[str, tuple[str, ...], str]]:
     return out
 
 
-def to_megatron(kind: str, tensors: list[torch.Tensor], hf_config) -> torch.Tensor:
-    if kind == "copy":
-        return tensors[0]
+def row_blocks(kind: str, hf_config, copy_rows: int = 0) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """How a Megatron tensor is laid out from its HF tensors, as blocks of whole rows:
+    (rows of the Megatron tensor, [(hf index, hf row start, hf row end, megatron row start)]).
+    Every Olmo 3 transform is such a row placement (rows not covered are vocab padding, zero);
+    import reads each block straight into place and export slices the blocks back out."""
+    c = hf_config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if kind == "copy":  # ``copy_rows``: the tensor's first dimension (elements of a 1-D tensor)
+        return copy_rows, [(0, 0, copy_rows, 0)]
     if kind == "vocab":
-        t = tensors[0]
-        pad = padded_vocab_size(hf_config.vocab_size) - t.shape[0]
-        return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+        return padded_vocab_size(c.vocab_size), [(0, 0, c.vocab_size, 0)]
     if kind == "gate_up":  # megatron's GLU: first half is the gate (activation applied)
-        return torch.cat(tensors, dim=0)
-    if kind == "qkv":  # per query group: [q heads of the group, k, v]
-        q, k, v = tensors
-        ng = hf_config.num_key_value_heads
-        d = q.shape[0] // hf_config.num_attention_heads
-        hidden = q.shape[1]
-        return torch.cat(
-            [q.reshape(ng, -1, hidden), k.reshape(ng, d, hidden), v.reshape(ng, d, hidden)], dim=1
-        ).reshape(-1, hidden)
-    raise ValueError(kind)
+        f = c.intermediate_size
+        return 2 * f, [(0, 0, f, 0), (1, 0, f, f)]
+    if kind == "qkv":  # per query group: [the group's q heads, its k head, its v head]
+        ng, per = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
+        blocks, row = [], 0
+        for g in range(ng):
+            blocks.append((0, g * per * d, (g + 1) * per * d, row))
+            blocks.append((1, g * d, (g + 1) * d, row + per * d))
+            blocks.append((2, g * d, (g + 1) * d, row + (per + 1) * d))
+            row += (per + 2) * d
+        return row, blocks
+    raise ValueError(f"unknown mapping kind {kind!r}")
+
+
+def to_megatron(kind: str, tensors: list[torch.Tensor], hf_config) -> torch.Tensor:
+    rows, blocks = row_blocks(kind, hf_config, tensors[0].shape[0])
+    out = tensors[0].new_zeros(rows, *tensors[0].shape[1:])
+    for i, s, e, d in blocks:
+        out[d:d + e - s] = tensors[i][s:e]
+    return out
 
 
 def to_hf(kind: str, tensor: torch.Tensor, hf_config) -> list[torch.Tensor]:
-    if kind == "copy":
-        return [tensor]
-    if kind == "vocab":
-        return [tensor[: hf_config.vocab_size]]
-    if kind == "gate_up":
-        return list(torch.chunk(tensor, 2, dim=0))
-    if kind == "qkv":
-        ng, nh = hf_config.num_key_value_heads, hf_config.num_attention_heads
-        hidden = tensor.shape[1]
-        d = tensor.shape[0] // (nh + 2 * ng)
-        g = tensor.reshape(ng, (nh // ng + 2) * d, hidden)
-        q, k, v = torch.split(g, [nh // ng * d, d, d], dim=1)
-        return [q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)]
-    raise ValueError(kind)
+    _, blocks = row_blocks(kind, hf_config, tensor.shape[0])
+    n = max(b[0] for b in blocks) + 1
+    parts = [[tensor[d:d + e - s] for i, s, e, d in blocks if i == j] for j in range(n)]
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
 
 def hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,101 @@
+"""Conversion benchmark: HF -> Megatron import of a random Olmo 3 of about 1.5 GB (bf16).
+
+Reports import time relative to copying the same safetensors bytes (goal <= 3x) and peak RSS of the
+import process relative to the checkpoint size (goal <= 1.3x), plus the same for export.
+
+    uv run python benchmarks/bench_conversion.py [--workdir /tmp/pare_bench] [--layers 8]
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CHILD = """
+import resource, sys, time, psutil
+from pare_nemo.cli import quiet; quiet()
+import conversion.convert as c
+import transformers, pare_nemo.model  # imports are not conversion: measured before the clock
+from transformers import Olmo3Config
+base = psutil.Process().memory_info().rss
+t = time.perf_counter()
+getattr(c, sys.argv[1])(sys.argv[2], sys.argv[3])
+dt = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("RESULT", dt, base, peak)
+"""
+
+
+def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2**30) -> int:
+    from safetensors.torch import save_file
+
+    from conversion.olmo3 import hf_shapes
+    from pare_nemo.tiny import tiny_config
+
+    cfg = tiny_config(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                      num_layers=layers, num_heads=16, dtype="bfloat16")
+    path.mkdir(parents=True)
+    cfg.architectures = ["Olmo3ForCausalLM"]
+    cfg.save_pretrained(path)
+    shards, cur, size, gen = [], {}, 0, torch.Generator().manual_seed(0)
+    for name, shape in hf_shapes(cfg).items():
+        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if cur and size + t.numel() * 2 > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += t.numel() * 2
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / fname, metadata={"format": "pt"})
+        weight_map |= {k: fname for k in shard}
+        total += (path / fname).stat().st_size
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def run_child(fn: str, src: Path, dst: Path):
+    out = subprocess.run([sys.executable, "-c", CHILD, fn, str(src), str(dst)],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+    dt, base, peak = map(float, line.split()[1:])
+    return dt, base, peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/pare_bench")
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    hf, mg, hf2, cp = work / "hf", work / "megatron", work / "hf_export", work / "copy"
+    size = make_checkpoint(hf, args.layers)
+    cp.mkdir()
+    t = time.perf_counter()
+    for f in hf.glob("*.safetensors"):
+        shutil.copyfile(f, cp / f.name)
+    copy_s = time.perf_counter() - t
+    rows = []
+    for fn, src, dst in (("import_hf", hf, mg), ("export_hf", mg, hf2)):
+        dt, base, peak = run_child(fn, src, dst)
+        rows.append((fn, dt, dt / copy_s, peak / size, (peak - base) / size))
+    print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(hf.glob('*.safetensors')))} shards; "
+          f"copying its bytes took {copy_s:.2f} s")
+    print(f"{'step':10s} {'time s':>7s} {'x copy':>7s} {'peak RSS/ckpt':>14s} {'(minus imports)':>16s}")
+    for fn, dt, ratio, rss, rss_net in rows:
+        print(f"{fn:10s} {dt:7.2f} {ratio:7.2f} {rss:14.2f} {rss_net:16.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+def demo(workdir: str = "pare_demo") -> None:
+    """stub"""
