@@ -78,6 +78,20 @@ def _read_rows_into(f, info: dict, row_start: int, row_end: int, out: torch.Tens
         raise CheckpointError(f"short read from {f.name}")
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+def resolve_hf_path(hf_path: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id (``allenai/Olmo-3-7B-Instruct``,
+    optionally ``@revision``), downloaded (safetensors, config, tokenizer) into the HF cache."""
+    if Path(hf_path).exists() or hf_path.startswith((".", "/", "~")) or hf_path.count("/") != 1:
+        return Path(hf_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = hf_path.partition("@")
+    return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS))
+
+
 def load_hf_config(hf_path: str | os.PathLike):
     """The HF config of an Olmo 3 checkpoint directory, or a clear error saying what was found."""
     from transformers import Olmo3Config
@@ -145,11 +159,11 @@ def index_hf_weights(hf_path: Path, hf_config) -> dict[str, tuple[Path, dict]]:
 
 def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
               dtype: str | None = None) -> Path:
-    """HF Olmo 3 directory -> Pare Megatron checkpoint (loadable at any TP/PP)."""
+    """HF Olmo 3 directory or Hub id -> Pare Megatron checkpoint (loadable at any TP/PP)."""
     from pare_nemo.model import build_olmo3_model
     from pare_nemo.parallel import distributed
 
-    hf_path = Path(hf_path)
+    hf_path = resolve_hf_path(hf_path)
     hf_config = load_hf_config(hf_path)
     where = index_hf_weights(hf_path, hf_config)
     check_output_dir(megatron_path, overwrite)

@@ -187,12 +187,30 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-class Olmo3CoreAttention(MegatronModule):
-    """Causal attention that never materializes the S x S scores on GPU.
+def causal_attention(q, k, v, window: int | None, scale: float, use_flex: bool | None = None):
+    """Causal attention over [b, heads, s, d] (k/v may have fewer heads: GQA), optionally limited
+    to a sliding window of ``window`` tokens (self included), without S x S scores on GPU.
 
-    Full layers use ``scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN kernels); sliding
-    layers use FlexAttention with a sliding-window block mask on GPU. On CPU (tests, demo), sliding
-    layers fall back to SDPA with an explicit boolean mask: the same function.
+    Full: ``scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN kernels on GPU).
+    Sliding: FlexAttention with a sliding-window block mask (compiled) on GPU; on CPU (tests, demo)
+    SDPA with an explicit boolean mask, the same function.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    sq, sk = q.shape[2], k.shape[2]
+    if window is None or window >= sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if use_flex if use_flex is not None else q.is_cuda:
+        mask = _sliding_block_mask(window, sq, sk, str(q.device))
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i >= j) & (i - j < window),
+                                          scale=scale, enable_gqa=gqa)
+
+
+class Olmo3CoreAttention(MegatronModule):
+    """megatron's core-attention slot, filled with :func:`causal_attention` for this layer's type.
+
     YaRN's attention factor multiplies both cos and sin in transformers, so it scales q.k by its
     square: that is folded into the softmax scale.
     """
@@ -213,20 +231,7 @@ class Olmo3CoreAttention(MegatronModule):
             raise NotImplementedError("packed sequences are not supported by Olmo3CoreAttention")
         sq, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        gqa = k.shape[1] != np_
-        sk = k.shape[2]
-        if self.window is None or self.window >= sk:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                 enable_gqa=gqa)
-        elif q.is_cuda:
-            mask = _sliding_block_mask(self.window, sq, sk, str(q.device))
-            out = _compiled_flex()(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=gqa)
-        else:
-            i = torch.arange(sq, device=q.device)[:, None]
-            j = torch.arange(sk, device=q.device)[None, :]
-            mask = (i >= j) & (i - j < self.window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=gqa)
+        out = causal_attention(q, k, v, self.window, self.scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
 

@@ -85,3 +85,25 @@ def test_parallel_logits_and_reload(tmp_path, hf_gqa, megatron_gqa, tokens, tp, 
     back = export_hf(str(saved), str(tmp_path / "hf"))
     a, b = _tensors(hf_gqa), _tensors(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_ids_go_through_snapshot_download(tmp_path, hf_gqa, monkeypatch):
+    """Local paths are used as they are; ``org/name[@rev]`` is fetched with huggingface_hub (here
+    served from a local directory, since no machine of this project reaches the hub)."""
+    import huggingface_hub
+
+    from conversion.convert import resolve_hf_path
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        return str(hf_gqa)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_hf_path(str(hf_gqa)) == hf_gqa and not calls
+    assert resolve_hf_path("./relative/dir") == __import__("pathlib").Path("relative/dir")
+    import_hf("allenai/Olmo-3-7B-Instruct@main", str(tmp_path / "mg"))
+    assert calls[0][:2] == ("allenai/Olmo-3-7B-Instruct", "main")
+    assert "*.safetensors" in calls[0][2]
+    assert (tmp_path / "mg" / "iter_0000000").is_dir()

@@ -64,3 +64,15 @@ def test_torch_path_chosen_without_transformer_engine():
     spec = olmo3_layer_spec()
     linear = spec.submodules.self_attention.submodules.linear_qkv
     assert have_te() or linear.__module__.startswith("megatron.core.tensor_parallel")
+
+
+def test_flex_sliding_window_path_equals_sdpa():
+    """The GPU path for sliding layers (compiled FlexAttention with a block mask) computes the same
+    function as the CPU path (SDPA with a boolean mask); checked here on CPU."""
+    from pare_nemo.model import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 256, 16, generator=g) for n in (4, 2, 2))
+    ref = causal_attention(q, k, v, window=32, scale=0.3, use_flex=False)
+    out = causal_attention(q, k, v, window=32, scale=0.3, use_flex=True)
+    assert (out - ref).abs().max() <= 1e-5

@@ -1,0 +1,27 @@
+"""Named Olmo 3 recipes: small typed functions, config as data.
+
+The conversion recipe names the checkpoint and where it goes; later stages (importance, prune,
+distill) add theirs here. Each returns a plain dataclass that ``pare``/``nemo llm`` commands take.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Olmo3Checkpoint:
+    hf_id: str  # Hub id or local directory
+    megatron_path: str
+    tensor_parallel: int  # a layout that fits one 8xH100 node for forward-only stages
+    pipeline_parallel: int
+    params: str  # parameter count, for the record
+
+
+def olmo3_7b_instruct(root: str = "checkpoints") -> Olmo3Checkpoint:
+    """Olmo 3 7B Instruct: 32 layers (3 sliding : 1 full), hidden 4096, FFN 11008, 32 MHA heads,
+    vocab 100278 (padded to 100352 in Megatron), YaRN (factor 8) on the full-attention layers."""
+    return Olmo3Checkpoint("allenai/Olmo-3-7B-Instruct", f"{root}/olmo3-7b-instruct", 1, 1, "7.3B")
+
+
+def olmo3_32b_instruct(root: str = "checkpoints") -> Olmo3Checkpoint:
+    """Olmo 3 32B Instruct: 64 layers, hidden 5120, FFN 27648, 40 heads / 8 KV heads (GQA)."""
+    return Olmo3Checkpoint("allenai/Olmo-3-32B-Instruct", f"{root}/olmo3-32b-instruct", 4, 1, "32B")
