@@ -20,8 +20,3 @@ def olmo3_7b_instruct(root: str = "checkpoints") -> Olmo3Checkpoint:
     """Olmo 3 7B Instruct: 32 layers (3 sliding : 1 full), hidden 4096, FFN 11008, 32 MHA heads,
     vocab 100278 (padded to 100352 in Megatron), YaRN (factor 8) on the full-attention layers."""
     return Olmo3Checkpoint("allenai/Olmo-3-7B-Instruct", f"{root}/olmo3-7b-instruct", 1, 1, "7.3B")
-
-
-def olmo3_32b_instruct(root: str = "checkpoints") -> Olmo3Checkpoint:
-    """Olmo 3 32B Instruct: 64 layers, hidden 5120, FFN 27648, 40 heads / 8 KV heads (GQA)."""
-    return Olmo3Checkpoint("allenai/Olmo-3-32B-Instruct", f"{root}/olmo3-32b-instruct", 4, 1, "32B")
