@@ -13,6 +13,7 @@ import warnings
 COMMANDS = {
     "import": ("conversion.convert", "import_hf"),
     "export": ("conversion.convert", "export_hf"),
+    "importance": ("pare_nemo.importance", "importance"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 

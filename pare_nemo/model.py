@@ -161,9 +161,12 @@ class Olmo3QKNorm(MegatronModule):
         return (self.weight * x).to(dtype).reshape(shape)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state as ps
+
         sd = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            sd, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group
+            sd, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
 
 
@@ -274,6 +277,7 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
         )
         inv_freq, _ = rope_for_layer_type(config, self.layer_type)
         self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+        self.skip = False  # identity when True: importance's layer_loss skips one layer at a time
 
     def rotary_freqs(self, seq_len: int, device) -> torch.Tensor:
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -282,6 +286,8 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
                 **kwargs):
+        if self.skip:
+            return hidden_states, context
         # GPTModel's rotary embedding only tells us the full (pre-SP-split) sequence length;
         # each layer applies the RoPE of its own type.
         seq_len = rotary_pos_emb.shape[0] if rotary_pos_emb is not None else hidden_states.shape[0]

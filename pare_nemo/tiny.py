@@ -92,3 +92,20 @@ def make_tiny_olmo3(path: str | Path, seed: int = 0, tokenizer=None, **config_kw
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_briefly(model, tokens: torch.Tensor, steps: int = 300, batch: int = 16, lr: float = 3e-3,
+                  seed: int = 0):
+    """A few hundred AdamW steps of next-token prediction, so importance has structure to find."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, tokens.shape[0], (batch,), generator=g)
+        loss = model(tokens[idx], labels=tokens[idx]).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()

@@ -34,3 +34,25 @@ def megatron_gqa(tmp_path_factory, hf_gqa):
 @pytest.fixture(scope="session")
 def tokens():
     return torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tokenizer):
+    """A small Olmo 3 trained briefly on real text (pydoc_data.topics): HF dir, Megatron checkpoint,
+    and held-out tokens to measure loss on."""
+    from conversion.convert import import_hf
+    from pare_nemo.data import load_token_data
+    from pare_nemo.tiny import random_olmo3, tiny_config, train_briefly
+
+    torch.manual_seed(0)
+    data = load_token_data("pydoc", tokenizer, 1200, 64)
+    train, held = data.tokens[:1100], data.tokens[1100:]
+    cfg = tiny_config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256,
+                      num_layers=4, num_heads=4, num_kv_heads=4, sliding_window=16)
+    cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model = train_briefly(random_olmo3(cfg, seed=0), train, steps=400)
+    root = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    mg = import_hf(str(root / "hf"), str(root / "mg"))
+    return {"hf": root / "hf", "mg": mg, "held": held, "root": root}

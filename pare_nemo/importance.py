@@ -1,0 +1,401 @@
+"""Importance analysis (Minitron step 1): one forward-only pass over calibration data that ranks every
+FFN neuron, attention head, embedding channel and layer, with Pare's own hooks on the Megatron model
+(Olmo 3 is post-norm: the pre-norm LayerNorm outputs other tools hook do not exist).
+
+| key          | shape                  | definition |
+|--------------|------------------------|------------|
+| `mlp`        | [n_layers, ffn]        | input of `linear_fc2` (after SwiGLU) |
+| `attention`  | [n_layers, n_heads]    | input of `linear_proj` per channel, then L2 over each head's channels |
+| `attn_ln`    | [hidden]               | output of each layer's post-attention RMSNorm, summed over layers |
+| `ffn_ln`     | [hidden]               | output of each layer's post-feedforward RMSNorm, summed over layers |
+| `layer`      | [n_layers]             | Block Influence: 1 - cos(layer input, layer output) per real token, averaged |
+| `layer_loss` | [n_layers]             | LM loss increase when only that layer is skipped, on held-out samples |
+
+Activations are aggregated per sample over its real tokens (``seq=mean``: mean of |a|; ``seq=l2``:
+L2 norm), then over samples (``batch=l2``: L2 norm; ``batch=mean``: mean). The papers' best, and the
+default, is seq=mean then batch=l2. Exact at any TP/PP/DP: every rank accumulates sums (of squares
+for L2) that are summed across data-parallel ranks before the final root, and TP / PP pieces are
+gathered, never averaged.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+SEQ_AGGREGATIONS = ("mean", "l2")
+BATCH_AGGREGATIONS = ("l2", "mean")
+KEYS = ("mlp", "attention", "attn_ln", "ffn_ln", "layer", "layer_loss")
+
+
+def config_hash(hf_config) -> str:
+    d = hf_config.to_dict()
+    for k in ("transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ImportanceHooks:
+    """Forward hooks on this rank's layers; call ``set_mask`` before each micro-batch."""
+
+    def __init__(self, model, seq: str = "mean", batch: str = "l2"):
+        self.seq, self.batch = seq, batch
+        self.layers = list(model.decoder.layers)
+        n = len(self.layers)
+        first = self.layers[0]
+        dev = first.post_attention_layernorm.weight.device
+        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+        self.mlp = zeros(n, first.mlp.linear_fc2.weight.shape[1])
+        self.attn = zeros(n, first.self_attention.linear_proj.weight.shape[1])
+        self.attn_ln = zeros(n, first.post_attention_layernorm.weight.shape[0])
+        self.ffn_ln = zeros(n, first.post_feedforward_layernorm.weight.shape[0])
+        self.bi_sum = zeros(n)
+        self.samples = zeros(())
+        self.tokens = zeros(())
+        self.mask = None
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            self.handles += [
+                layer.mlp.linear_fc2.register_forward_pre_hook(self._input_hook(self.mlp, i)),
+                layer.self_attention.linear_proj.register_forward_pre_hook(
+                    self._input_hook(self.attn, i)),
+                layer.post_attention_layernorm.register_forward_hook(
+                    self._output_hook(self.attn_ln, i)),
+                layer.post_feedforward_layernorm.register_forward_hook(
+                    self._output_hook(self.ffn_ln, i)),
+                layer.register_forward_hook(self._bi_hook(i), with_kwargs=True),
+            ]
+
+    def set_mask(self, mask: torch.Tensor):
+        """mask: [b, s] bool of real tokens for the micro-batch about to run on this stage."""
+        self.mask = mask.to(self.bi_sum.device)
+        self.m = self.mask.t().unsqueeze(-1).to(torch.float32)  # [s, b, 1]
+        self.n = self.mask.sum(1, keepdim=True).to(torch.float32)  # [b, 1]
+        self.samples += mask.shape[0]
+        self.tokens += self.mask.sum()
+
+    def _aggregate(self, buf, i, a):
+        a = a.float()  # [s, b, C]
+        if self.seq == "mean":
+            per_sample = (a.abs() * self.m).sum(0) / self.n  # [b, C]
+        else:
+            per_sample = (a.square() * self.m).sum(0).sqrt()
+        buf[i] += (per_sample.square() if self.batch == "l2" else per_sample).sum(0).double()
+
+    def _input_hook(self, buf, i):
+        def hook(module, args):
+            self._aggregate(buf, i, args[0])
+        return hook
+
+    def _output_hook(self, buf, i):
+        def hook(module, args, output):
+            self._aggregate(buf, i, output)
+        return hook
+
+    def _bi_hook(self, i):
+        def hook(module, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos = F.cosine_similarity(x.float(), output[0].float(), dim=-1)  # [s, b]
+            self.bi_sum[i] += ((1 - cos) * self.m[..., 0]).sum().double()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def finish(self, num_heads_local: int) -> dict[str, torch.Tensor]:
+        """Reduce across DP, take the final roots/means, gather TP and PP pieces."""
+        from megatron.core import parallel_state as ps
+
+        bufs = [self.mlp, self.attn, self.attn_ln, self.ffn_ln, self.bi_sum, self.samples,
+                self.tokens]
+        if dist.is_initialized():
+            for b in bufs:
+                dist.all_reduce(b, group=ps.get_data_parallel_group())
+        final = (lambda b: b.sqrt()) if self.batch == "l2" else (lambda b: b / self.samples)
+        mlp = final(self.mlp)
+        attn = final(self.attn).view(len(self.layers), num_heads_local, -1).norm(dim=-1)
+        tp = ps.get_tensor_model_parallel_group() if dist.is_initialized() else None
+        pp = ps.get_pipeline_model_parallel_group() if dist.is_initialized() else None
+        out = {
+            "mlp": _gather(_gather(mlp, tp, 1), pp, 0),
+            "attention": _gather(_gather(attn, tp, 1), pp, 0),
+            "attn_ln": _gather(final(self.attn_ln), pp, 0).sum(0),
+            "ffn_ln": _gather(final(self.ffn_ln), pp, 0).sum(0),
+            "layer": _gather(self.bi_sum / self.tokens, pp, 0),
+        }
+        out = {k: v.float().cpu() for k, v in out.items()}
+        return out | {"_samples": int(self.samples.item()), "_tokens": int(self.tokens.item())}
+
+
+def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _batches(data, micro_batch_size: int, num_microbatches: int):
+    step = micro_batch_size * num_microbatches
+    for start in range(0, len(data), step):
+        chunk = data[start:start + step]
+        yield chunk, len(chunk) // micro_batch_size
+
+
+def _run(model, data, micro_batch_size, step_fn, progress=None):
+    """Forward ``data`` through megatron's schedules (any PP), ``step_fn(tokens, mask)`` called on
+    each stage just before that stage runs the micro-batch; returns the last stage's outputs."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pare_nemo.parallel import device
+
+    dev = device()
+    outputs = []
+    n_mb = max(2 * ps.get_pipeline_model_parallel_world_size(), 1)
+    for chunk, mbs in _batches(data, micro_batch_size, n_mb):
+        it = iter([(chunk.tokens[i * micro_batch_size:(i + 1) * micro_batch_size].to(dev),
+                    chunk.mask[i * micro_batch_size:(i + 1) * micro_batch_size].to(dev))
+                   for i in range(mbs)])
+        positions = torch.arange(chunk.tokens.shape[1], device=dev).expand(micro_batch_size, -1)
+
+        def forward_step(data_iterator, model):
+            tokens, mask = next(data_iterator)
+            loss_func = step_fn(tokens, mask)
+            out = model(input_ids=tokens, position_ids=positions, attention_mask=None)
+            return out, loss_func
+
+        with torch.no_grad():
+            outputs += get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=it, model=[model],
+                num_microbatches=mbs, seq_length=chunk.tokens.shape[1],
+                micro_batch_size=micro_batch_size, forward_only=True)
+        if progress is not None:
+            progress.update(len(chunk))
+    return outputs
+
+
+def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
+    """Mean next-token NLL over real tokens (both positions real), reduced over DP, on all ranks."""
+    from megatron.core import parallel_state as ps
+
+    def step(tokens, mask):
+        def loss_func(logits):
+            logits = logits[..., :vocab_size].float()
+            m = (mask[:, 1:] & mask[:, :-1]).flatten()
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                  reduction="none")
+            s = (nll * m).sum()
+            return s, {"nll": s.detach().double(), "n": m.sum().double()}
+        return loss_func
+
+    outs = _run(model, data, micro_batch_size, step)
+    dev = next(model.parameters()).device
+    tot = torch.zeros(2, dtype=torch.float64, device=dev)
+    for o in outs:
+        tot += torch.stack([o["nll"], o["n"]]).to(dev)
+    if dist.is_initialized():
+        dist.all_reduce(tot, group=ps.get_data_parallel_group())
+        dist.all_reduce(tot, group=ps.get_pipeline_model_parallel_group())  # only last stage != 0
+    return (tot[0] / tot[1]).item()
+
+
+def set_skip(model, global_layer: int | None) -> None:
+    """Skip exactly one layer (by global index) on whichever stage holds it; None skips none."""
+    for layer in model.decoder.layers:
+        layer.skip = layer.layer_number - 1 == global_layer
+
+
+def importance(megatron_path: str, data: str, scores_path: str, num_samples: int = 1024,
+               seq_length: int = 4096, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
+               seq: str = "mean", batch: str = "l2", layer_loss_samples: int = 64,
+               pack: bool = True, split: str = "train", overwrite: bool = False,
+               report: bool = True) -> str:
+    """Score every FFN neuron, head, hidden channel and layer of a Megatron checkpoint."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from conversion.olmo3 import check_parallel_sizes
+    from pare_nemo.checkpoint import TOKENIZER_DIR, check_output_dir, load_model, read_model_config
+    from pare_nemo.data import DataError, load_token_data
+    from pare_nemo.parallel import distributed
+
+    # ---- everything checked before any work
+    if seq not in SEQ_AGGREGATIONS or batch not in BATCH_AGGREGATIONS:
+        raise ValueError(f"aggregation seq={seq!r} batch={batch!r}: seq must be one of "
+                         f"{SEQ_AGGREGATIONS}, batch one of {BATCH_AGGREGATIONS}")
+    if layer_loss_samples < 0 or micro_batch_size < 1:
+        raise ValueError("layer_loss_samples must be >= 0 and micro_batch_size >= 1")
+    hf_config, _, _ = read_model_config(megatron_path)
+    check_parallel_sizes(hf_config, tp, pp)
+    scores_path = Path(scores_path)
+    check_output_dir(scores_path, overwrite)
+    tokenizer = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
+    try:
+        all_data = load_token_data(data, tokenizer, num_samples + layer_loss_samples, seq_length,
+                                   pack=pack, split=split)
+    except DataError as e:
+        raise DataError(f"{e} (num_samples={num_samples} for the scores + layer_loss_samples="
+                        f"{layer_loss_samples} held out for layer_loss)") from None
+    calib, held_out = all_data[:num_samples], all_data[num_samples:]
+
+    with distributed(tp, pp):
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if num_samples < dp * micro_batch_size:
+            raise ValueError(f"num_samples={num_samples} < data-parallel size {dp} x "
+                             f"micro_batch_size {micro_batch_size}")
+        model, _ = load_model(megatron_path, parallel_output=False)
+        model.eval()
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        mine = calib[dp_rank::dp]
+        mine = mine[: len(mine) // micro_batch_size * micro_batch_size]
+
+        hooks = ImportanceHooks(model, seq, batch)
+        t0 = time.perf_counter()
+        with tqdm(total=len(mine) * dp, desc="importance", unit="sample", disable=not rank0) as bar:
+            bar.update(0)
+            progress = _Scaled(bar, dp)
+            _run(model, mine, micro_batch_size, lambda t, m: hooks.set_mask(m), progress)
+        hooks.remove()
+        heads_local = hf_config.num_attention_heads // tp
+        scores = hooks.finish(heads_local)
+        pass_s = time.perf_counter() - t0
+
+        base_loss, layer_loss = float("nan"), torch.full((hf_config.num_hidden_layers,), float("nan"))
+        if layer_loss_samples:
+            held = held_out[dp_rank::dp]
+            held = held[: len(held) // micro_batch_size * micro_batch_size]
+            if len(held) == 0:
+                raise ValueError(f"layer_loss_samples={layer_loss_samples} leaves no held-out "
+                                 f"micro-batch for each of {dp} data-parallel ranks")
+            vocab = hf_config.vocab_size
+            base_loss = lm_loss(model, held, micro_batch_size, vocab)
+            for i in tqdm(range(hf_config.num_hidden_layers), desc="layer_loss", disable=not rank0):
+                set_skip(model, i)
+                layer_loss[i] = lm_loss(model, held, micro_batch_size, vocab) - base_loss
+            set_skip(model, None)
+        scores["layer_loss"] = layer_loss
+
+        if rank0:
+            meta = {
+                "model_config": json.loads(json.dumps(hf_config.to_dict(), default=str)),
+                "config_hash": config_hash(hf_config),
+                "layer_types": list(hf_config.layer_types),
+                "num_samples": scores.pop("_samples"),
+                "num_tokens": scores.pop("_tokens"),
+                "seq_length": seq_length,
+                "data": data,
+                "data_sha256": calib.sha256(),
+                "pack": pack,
+                "aggregation": {"seq": seq, "batch": batch},
+                "layer_loss_samples": layer_loss_samples,
+                "base_loss": base_loss,
+                "parallel": {"tp": tp, "pp": pp, "dp": dp},
+                "importance_pass_seconds": pass_s,
+            }
+            out = {k: scores[k] for k in KEYS} | {"metadata": meta}
+            scores_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = scores_path.with_name(f".{scores_path.name}.partial")
+            torch.save(out, tmp)
+            os.replace(tmp, scores_path)
+            if report:
+                write_report(out, scores_path)
+        if dist.is_initialized():
+            dist.barrier()
+    return str(scores_path)
+
+
+class _Scaled:
+    """A progress bar advanced by samples of all data-parallel ranks (rank 0 counts its own x dp)."""
+
+    def __init__(self, bar, dp):
+        self.bar, self.dp = bar, dp
+
+    def update(self, n):
+        self.bar.update(n * self.dp)
+
+
+# ---------------------------------------------------------------- what the user sees
+
+
+def load_scores(path: str | os.PathLike) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def keep_counts(mlp: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Neurons each layer keeps if the top ``keep_fraction`` of all neurons are kept by a global
+    ranking of per-layer-normalized scores (each layer's scores divided by its mean)."""
+    norm = mlp / mlp.mean(dim=1, keepdim=True).clamp_min(1e-30)
+    k = max(1, int(round(keep_fraction * norm.numel())))
+    threshold = norm.flatten().topk(k).values[-1]
+    return (norm >= threshold).sum(dim=1)
+
+
+def write_report(scores: dict, scores_path: Path, keep_fraction: float = 0.7) -> None:
+    """``<scores>.png`` (layer BI and layer_loss by layer, sliding vs full marked; neuron score
+    distributions per layer; head heatmap) and ``<scores>.md`` (a short summary)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = scores["metadata"]
+    types = meta["layer_types"]
+    n = len(types)
+    x = list(range(n))
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    colors = ["tab:red" if t == "full_attention" else "tab:blue" for t in types]
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    ax = axes[0, 0]
+    ax.bar(x, scores["layer"].numpy(), color=colors)
+    ax.set(title="Block Influence (1 - cos) per layer  [red = full attention, blue = sliding]",
+           xlabel="layer", ylabel="BI")
+    ax = axes[0, 1]
+    ll = scores["layer_loss"].numpy()
+    ax.bar(x, ll, color=colors)
+    ax.set(title=f"LM loss increase when the layer is skipped (base {meta['base_loss']:.3f})",
+           xlabel="layer", ylabel="Δ loss")
+    ax = axes[1, 0]
+    mlp = scores["mlp"].float()
+    ax.boxplot([row.numpy() for row in mlp], positions=x, showfliers=False)
+    ax.set_yscale("log")
+    ax.set(title="FFN neuron scores per layer", xlabel="layer", ylabel="score")
+    ax = axes[1, 1]
+    im = ax.imshow(scores["attention"].numpy().T, aspect="auto", cmap="viridis")
+    ax.set(title="attention head scores", xlabel="layer", ylabel="head")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(scores_path.with_suffix(".png"), dpi=90)
+    plt.close(fig)
+
+    order_bi = scores["layer"].argsort().tolist()
+    lines = [
+        f"# Importance summary: {meta['num_samples']} samples x {meta['seq_length']} tokens "
+        f"({meta['num_tokens']} real tokens), aggregation seq={meta['aggregation']['seq']}, "
+        f"batch={meta['aggregation']['batch']}",
+        "",
+        f"- data: `{meta['data']}` (sha256 {meta['data_sha256'][:12]}…)",
+        f"- full-attention layers: {full}",
+        f"- least important layers by Block Influence: {order_bi[:8]}",
+    ]
+    if not math.isnan(meta["base_loss"]):
+        order_ll = scores["layer_loss"].argsort().tolist()
+        lines.append(f"- least important layers by layer_loss (base loss {meta['base_loss']:.4f}): "
+                     f"{order_ll[:8]}")
+    counts = keep_counts(mlp, keep_fraction).tolist()
+    lines += ["", f"FFN neurons each layer keeps under a global ranking at {keep_fraction:.0%} of all "
+              f"neurons (of {mlp.shape[1]} per layer):", "",
+              "| layer | type | BI | Δ loss | neurons kept |", "|---|---|---|---|---|"]
+    for i in range(n):
+        lines.append(f"| {i} | {types[i].split('_')[0]} | {scores['layer'][i]:.4f} | "
+                     f"{scores['layer_loss'][i]:.4f} | {counts[i]} |")
+    scores_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
