@@ -1,8 +1,9 @@
 """``pare demo``: the pipeline end to end on a tiny Olmo 3, on CPU, in a few minutes.
 
-Today: build a tiny Olmo 3 (GQA, 3 sliding : 1 full layers, YaRN on the full layers), import it to
-Megatron, check the Megatron model's logits against transformers on real text, export it back to
-HF and check the round trip. Later stages (importance, prune, distill) extend it.
+Today: build a tiny Olmo 3 (GQA, 3 sliding : 1 full layers, YaRN on the full layers) and train it
+briefly on real text, import it to Megatron, check the Megatron model's logits against transformers,
+export it back to HF and check the round trip, then run importance analysis and show what removing
+the 10% least vs most important FFN neurons costs. Later stages (prune, distill) extend it.
 """
 
 import shutil
@@ -33,6 +34,7 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
 
     from conversion.convert import export_hf, import_hf
     from pare_nemo.checkpoint import load_model
+    from pare_nemo.importance import importance, load_scores
     from pare_nemo.parallel import distributed, forward_logits
     from pare_nemo.tiny import make_tiny_olmo3
 
@@ -50,9 +52,18 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
         rows.append((name, f"{time.perf_counter() - t:.1f} s"))
         return result
 
-    step("build a tiny Olmo 3 (HF)", lambda: make_tiny_olmo3(
-        hf_dir, num_layers=4, hidden_size=128, intermediate_size=384, num_heads=8, num_kv_heads=2,
-        sliding_window=32, vocab_size=1024))
+    def build_and_train():
+        from pare_nemo.data import load_token_data
+        from pare_nemo.tiny import make_tokenizer, train_briefly
+
+        tok = make_tokenizer(1024)
+        make_tiny_olmo3(hf_dir, tokenizer=tok, num_layers=4, hidden_size=128,
+                        intermediate_size=384, num_heads=8, num_kv_heads=2, sliding_window=32)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir)
+        data = load_token_data("pydoc", tok, 800, 64)
+        train_briefly(model, data.tokens, steps=300).save_pretrained(hf_dir)
+
+    step("build a tiny Olmo 3 (HF), train it briefly", build_and_train)
     step("import HF -> Megatron", lambda: import_hf(str(hf_dir), str(mg_dir)))
     tokenizer = AutoTokenizer.from_pretrained(mg_dir / "tokenizer")
     tokens = _real_tokens(tokenizer, 2, seq_length)
@@ -67,6 +78,12 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
 
     out = step("Megatron forward (TP=1)", megatron_forward)
     step("export Megatron -> HF", lambda: export_hf(str(mg_dir), str(out_dir)))
+    scores_path = work / "scores" / "importance.pt"
+    shutil.rmtree(scores_path.parent, ignore_errors=True)
+    step("importance (64 samples x 128 tokens)", lambda: importance(
+        str(mg_dir), "pydoc", str(scores_path), num_samples=64, seq_length=seq_length,
+        micro_batch_size=4, layer_loss_samples=16))
+    scores = load_scores(scores_path)
     a, b = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = AutoModelForCausalLM.from_pretrained(out_dir).eval()
@@ -88,7 +105,24 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     m.add_row("HF -> Megatron -> HF tensors bit-identical", str(identical))
     m.add_row("exported model's logits == original's",
               str(torch.equal(exp_logits, ref)))
+    mlp = scores["mlp"]
+    k = mlp.shape[1] // 10
+    order = mlp.argsort(dim=1)
+
+    def loss_without(cols):
+        model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                layer.mlp.down_proj.weight[:, cols[i]] = 0
+            return model(tokens, labels=tokens).loss.item()
+
+    m.add_row("LM loss of the trained model", f"{_lm_loss(ref, tokens):.4f}")
+    m.add_row("  without its 10% least important FFN neurons", f"{loss_without(order[:, :k]):.4f}")
+    m.add_row("  without its 10% most important FFN neurons", f"{loss_without(order[:, -k:]):.4f}")
+    m.add_row("least important layers (Block Influence)", str(scores["layer"].argsort().tolist()))
+    m.add_row("least important layers (loss when skipped)",
+              str(scores["layer_loss"].argsort().tolist()))
     console.print(m)
-    console.print(f"outputs in {work.resolve()}")
+    console.print(f"outputs in {work.resolve()} (importance report: {scores_path.with_suffix('.png')})")
     if not identical or (out - ref).abs().max() > 1e-4:
         raise SystemExit("demo: parity check failed")

@@ -77,15 +77,20 @@ class ImportanceHooks:
         self.mask = mask.to(self.bi_sum.device)
         self.m = self.mask.t().unsqueeze(-1).to(torch.float32)  # [s, b, 1]
         self.n = self.mask.sum(1, keepdim=True).to(torch.float32)  # [b, 1]
+        self.all_real = bool(self.mask.all())
         self.samples += mask.shape[0]
         self.tokens += self.mask.sum()
 
     def _aggregate(self, buf, i, a):
-        a = a.float()  # [s, b, C]
-        if self.seq == "mean":
-            per_sample = (a.abs() * self.m).sum(0) / self.n  # [b, C]
+        # a: [s, b, C]; per sample over its real tokens: mean |a| (seq=mean) or L2 norm (seq=l2)
+        order = 1 if self.seq == "mean" else 2
+        if self.all_real:  # packed data: one fused pass, no |a| or mask product materialized
+            per_sample = torch.linalg.vector_norm(a, ord=order, dim=0, dtype=torch.float32)
         else:
-            per_sample = (a.square() * self.m).sum(0).sqrt()
+            per_sample = torch.linalg.vector_norm(a * self.m.to(a.dtype), ord=order, dim=0,
+                                                  dtype=torch.float32)
+        if self.seq == "mean":
+            per_sample = per_sample / self.n  # [b, C]
         buf[i] += (per_sample.square() if self.batch == "l2" else per_sample).sum(0).double()
 
     def _input_hook(self, buf, i):
@@ -373,6 +378,10 @@ def write_report(scores: dict, scores_path: Path, keep_fraction: float = 0.7) ->
     im = ax.imshow(scores["attention"].numpy().T, aspect="auto", cmap="viridis")
     ax.set(title="attention head scores", xlabel="layer", ylabel="head")
     fig.colorbar(im, ax=ax)
+    step = max(1, n // 16)
+    for ax in (axes[0, 0], axes[0, 1]):
+        ax.set_xticks(x[::step])
+    axes[1, 0].set_xticks(x[::step], [str(i) for i in x[::step]])
     fig.tight_layout()
     fig.savefig(scores_path.with_suffix(".png"), dpi=90)
     plt.close(fig)

@@ -30,7 +30,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
             os.environ["RANK"] = os.environ["SLURM_PROCID"]
             os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
             os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
