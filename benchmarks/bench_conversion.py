@@ -8,7 +8,6 @@ import process relative to the checkpoint size (goal <= 1.3x), plus the same for
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys

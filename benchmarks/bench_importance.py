@@ -29,7 +29,8 @@ def main():
     from conversion.convert import import_hf
     from pare_nemo.checkpoint import load_model
     from pare_nemo.data import load_token_data
-    from pare_nemo.importance import ImportanceHooks, _run
+    from pare_nemo.importance import ImportanceHooks
+    from pare_nemo.parallel import run_forward
     from pare_nemo.parallel import distributed
     from pare_nemo.tiny import make_tiny_olmo3, make_tokenizer
 
@@ -49,11 +50,11 @@ def main():
             model.eval()
 
             def plain():
-                _run(model, data, 1, lambda t, m: None)
+                run_forward(model, data.tokens, data.mask, 1)
 
             def hooked():
                 hooks = ImportanceHooks(model)
-                _run(model, data, 1, lambda t, m: hooks.set_mask(m))
+                run_forward(model, data.tokens, data.mask, 1, lambda t, m: hooks.set_mask(m))
                 hooks.remove()
                 hooks.finish(model.config.num_attention_heads)
 

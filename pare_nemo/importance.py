@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pare_nemo.parallel import run_forward
+
 SEQ_AGGREGATIONS = ("mean", "l2")
 BATCH_AGGREGATIONS = ("l2", "mean")
 KEYS = ("mlp", "attention", "attn_ln", "ffn_ln", "layer", "layer_loss")
@@ -147,46 +149,6 @@ def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _batches(data, micro_batch_size: int, num_microbatches: int):
-    step = micro_batch_size * num_microbatches
-    for start in range(0, len(data), step):
-        chunk = data[start:start + step]
-        yield chunk, len(chunk) // micro_batch_size
-
-
-def _run(model, data, micro_batch_size, step_fn, progress=None):
-    """Forward ``data`` through megatron's schedules (any PP), ``step_fn(tokens, mask)`` called on
-    each stage just before that stage runs the micro-batch; returns the last stage's outputs."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from pare_nemo.parallel import device
-
-    dev = device()
-    outputs = []
-    n_mb = max(2 * ps.get_pipeline_model_parallel_world_size(), 1)
-    for chunk, mbs in _batches(data, micro_batch_size, n_mb):
-        it = iter([(chunk.tokens[i * micro_batch_size:(i + 1) * micro_batch_size].to(dev),
-                    chunk.mask[i * micro_batch_size:(i + 1) * micro_batch_size].to(dev))
-                   for i in range(mbs)])
-        positions = torch.arange(chunk.tokens.shape[1], device=dev).expand(micro_batch_size, -1)
-
-        def forward_step(data_iterator, model):
-            tokens, mask = next(data_iterator)
-            loss_func = step_fn(tokens, mask)
-            out = model(input_ids=tokens, position_ids=positions, attention_mask=None)
-            return out, loss_func
-
-        with torch.no_grad():
-            outputs += get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=it, model=[model],
-                num_microbatches=mbs, seq_length=chunk.tokens.shape[1],
-                micro_batch_size=micro_batch_size, forward_only=True)
-        if progress is not None:
-            progress.update(len(chunk))
-    return outputs
-
-
 def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
     """Mean next-token NLL over real tokens (both positions real), reduced over DP, on all ranks."""
     from megatron.core import parallel_state as ps
@@ -201,7 +163,7 @@ def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
             return s, {"nll": s.detach().double(), "n": m.sum().double()}
         return loss_func
 
-    outs = _run(model, data, micro_batch_size, step)
+    outs = run_forward(model, data.tokens, data.mask, micro_batch_size, step)
     dev = next(model.parameters()).device
     tot = torch.zeros(2, dtype=torch.float64, device=dev)
     for o in outs:
@@ -268,7 +230,8 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
         with tqdm(total=len(mine) * dp, desc="importance", unit="sample", disable=not rank0) as bar:
             bar.update(0)
             progress = _Scaled(bar, dp)
-            _run(model, mine, micro_batch_size, lambda t, m: hooks.set_mask(m), progress)
+            run_forward(model, mine.tokens, mine.mask, micro_batch_size,
+                        lambda t, m: hooks.set_mask(m), progress)
         hooks.remove()
         heads_local = hf_config.num_attention_heads // tp
         scores = hooks.finish(heads_local)

@@ -77,36 +77,49 @@ def device() -> torch.device:
         else torch.device("cpu")
 
 
-def _unwrap(model):
-    return model[0] if isinstance(model, list) else model
-
-
-@torch.no_grad()
-def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1):
-    """Forward ``tokens`` [B, S] through a (possibly pipeline-parallel) GPTModel with megatron's
-    schedules. Returns the full-vocab logits [B, S, V_padded] on the last pipeline stage (gathered
-    over TP if the model was built with ``parallel_output=False``) and None elsewhere."""
+def run_forward(model, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                micro_batch_size: int = 1, step_fn=None, progress=None) -> list:
+    """Forward ``tokens`` [N, S] through a (possibly pipeline-parallel) GPTModel with megatron's
+    forward-only schedules, ``2 x PP`` micro-batches at a time. ``step_fn(tokens, mask)`` is called on
+    every stage just before that stage runs a micro-batch and may return a loss function (then its
+    reduced dicts are returned) or None (then the model outputs are). Returns the last stage's
+    results (empty on other stages); ``progress.update(n)`` is called after each chunk."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    m = _unwrap(model)
-    m.eval()
-    tokens = tokens.to(device())
-    B, S = tokens.shape
-    if B % micro_batch_size:
-        raise ValueError(f"batch {B} not divisible by micro_batch_size {micro_batch_size}")
-    positions = torch.arange(S, device=tokens.device).expand(micro_batch_size, S)
-    chunks = iter(tokens.split(micro_batch_size))
+    N, S = tokens.shape
+    if N % micro_batch_size:
+        raise ValueError(f"{N} samples not divisible by micro_batch_size {micro_batch_size}")
+    mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+    dev = device()
+    positions = torch.arange(S, device=dev).expand(micro_batch_size, S)
+    per_call = micro_batch_size * max(2 * ps.get_pipeline_model_parallel_world_size(), 1)
+    model.eval()
+    outputs = []
+    for start in range(0, N, per_call):
+        t, m = tokens[start:start + per_call], mask[start:start + per_call]
+        mbs = [(t[i:i + micro_batch_size].to(dev), m[i:i + micro_batch_size].to(dev))
+               for i in range(0, len(t), micro_batch_size)]
 
-    def step(data_iterator, model):
-        out = model(input_ids=next(data_iterator), position_ids=positions, attention_mask=None)
-        return out, None
+        def forward_step(data_iterator, model):
+            tok, msk = next(data_iterator)
+            loss_func = step_fn(tok, msk) if step_fn is not None else None
+            return model(input_ids=tok, position_ids=positions, attention_mask=None), loss_func
 
-    outs = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=chunks, model=[m],
-        num_microbatches=B // micro_batch_size, seq_length=S, micro_batch_size=micro_batch_size,
-        forward_only=True,
-    )
-    if not ps.is_pipeline_last_stage():
-        return None
-    return torch.cat(outs, dim=0)
+        with torch.no_grad():
+            outputs += get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(mbs), model=[model],
+                num_microbatches=len(mbs), seq_length=S, micro_batch_size=micro_batch_size,
+                forward_only=True)
+        if progress is not None:
+            progress.update(len(t))
+    return outputs
+
+
+def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1):
+    """Logits [N, S, V_padded] on the last pipeline stage (gathered over TP if the model was built
+    with ``parallel_output=False``), None on other stages."""
+    from megatron.core import parallel_state as ps
+
+    outs = run_forward(model, tokens, micro_batch_size=micro_batch_size)
+    return torch.cat(outs, dim=0) if ps.is_pipeline_last_stage() else None

@@ -7,7 +7,6 @@ import pytest
 
 from conversion import olmo3 as bridge
 from conversion.convert import CheckpointError, export_hf, import_hf
-from pare_nemo.checkpoint import load_model
 
 
 @pytest.fixture
