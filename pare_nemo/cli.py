@@ -91,12 +91,12 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    quiet()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
     if argv[0] not in COMMANDS:
         raise SystemExit(f"unknown command {argv[0]!r}\n\n{_usage()}")
-    quiet()
     fn = resolve(argv[0])
     kwargs = parse_kwargs(fn, argv[1:])
     try:
