@@ -14,6 +14,7 @@ COMMANDS = {
     "import": ("conversion.convert", "import_hf"),
     "export": ("conversion.convert", "export_hf"),
     "importance": ("pare_nemo.importance", "importance"),
+    "prune": ("pare_nemo.prune", "prune"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 
