@@ -46,7 +46,19 @@ def _coerce(value: str, annotation):
     return value
 
 
-def parse_kwargs(fn, argv: list[str]) -> dict:
+def recipe_defaults(name: str) -> dict:
+    """``recipe=<name>``: the arguments a named recipe of ``recipes/olmo3.py`` sets."""
+    import dataclasses
+
+    from recipes import olmo3
+
+    fn = getattr(olmo3, name, None)
+    if not callable(fn) or not dataclasses.is_dataclass(r := fn()):
+        raise SystemExit(f"unknown recipe {name!r}")
+    return dataclasses.asdict(r)
+
+
+def parse_kwargs(fn, argv: list[str], given: set[str] = frozenset()) -> dict:
     sig = inspect.signature(fn)
     kwargs = {}
     for arg in argv:
@@ -61,14 +73,14 @@ def parse_kwargs(fn, argv: list[str]) -> dict:
         except ValueError as e:
             raise SystemExit(f"bad value for {key}: {e}") from None
     missing = [n for n, p in sig.parameters.items()
-               if p.default is inspect.Parameter.empty and n not in kwargs]
+               if p.default is inspect.Parameter.empty and n not in kwargs and n not in given]
     if missing:
         raise SystemExit(f"missing required argument(s): {', '.join(f'{m}=…' for m in missing)}")
     return kwargs
 
 
 def _usage() -> str:
-    lines = ["usage: pare <command> key=value …", "", "commands:"]
+    lines = ["usage: pare <command> [recipe=<name>] key=value …", "", "commands:"]
     for name in COMMANDS:
         fn = resolve(name)
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
@@ -99,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         raise SystemExit(f"unknown command {argv[0]!r}\n\n{_usage()}")
     fn = resolve(argv[0])
-    kwargs = parse_kwargs(fn, argv[1:])
+    recipe = [a for a in argv[1:] if a.startswith("recipe=")]
+    kwargs = recipe_defaults(recipe[-1].split("=", 1)[1]) if recipe else {}
+    kwargs |= parse_kwargs(fn, [a for a in argv[1:] if not a.startswith("recipe=")],
+                           given=set(kwargs))
     try:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -295,6 +295,8 @@ class _Scaled:
 
 
 def load_scores(path: str | os.PathLike) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"scores file {path} does not exist (run `pare importance` first)")
     return torch.load(path, weights_only=True)
 
 
