@@ -2,8 +2,9 @@
 
 Today: build a tiny Olmo 3 (GQA, 3 sliding : 1 full layers, YaRN on the full layers) and train it
 briefly on real text, import it to Megatron, check the Megatron model's logits against transformers,
-export it back to HF and check the round trip, then run importance analysis and show what removing
-the 10% least vs most important FFN neurons costs. Later stages (prune, distill) extend it.
+export it back to HF and check the round trip, run importance analysis and show what removing
+the 10% least vs most important FFN neurons costs, then width-prune the model (FFN 384 -> 256,
+hidden 128 -> 96) and export it, printing the loss before and after. Distillation comes next.
 """
 
 import shutil
@@ -35,6 +36,7 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     from conversion.convert import export_hf, import_hf
     from pare_nemo.checkpoint import load_model
     from pare_nemo.importance import importance, load_scores
+    from pare_nemo.prune import num_params, prune
     from pare_nemo.parallel import distributed, forward_logits
     from pare_nemo.tiny import make_tiny_olmo3
 
@@ -84,6 +86,12 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
         str(mg_dir), "pydoc", str(scores_path), num_samples=64, seq_length=seq_length,
         micro_batch_size=4, layer_loss_samples=16))
     scores = load_scores(scores_path)
+    pruned_dir, pruned_hf = work / "pruned", work / "pruned_hf"
+    for d in (pruned_dir, pruned_hf):
+        shutil.rmtree(d, ignore_errors=True)
+    step("width prune (FFN 384 -> 256, hidden 128 -> 96) + export", lambda: export_hf(
+        prune(str(mg_dir), str(scores_path), str(pruned_dir), target_ffn_hidden_size=256,
+              target_hidden_size=96), str(pruned_hf)))
     a, b = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = AutoModelForCausalLM.from_pretrained(out_dir).eval()
@@ -119,6 +127,12 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     m.add_row("LM loss of the trained model", f"{_lm_loss(ref, tokens):.4f}")
     m.add_row("  without its 10% least important FFN neurons", f"{loss_without(order[:, :k]):.4f}")
     m.add_row("  without its 10% most important FFN neurons", f"{loss_without(order[:, -k:]):.4f}")
+    pruned_model = AutoModelForCausalLM.from_pretrained(pruned_hf).eval()
+    with torch.no_grad():
+        pruned_loss = pruned_model(tokens, labels=tokens).loss.item()
+    m.add_row(f"width prune {num_params(hf.config) / 1e6:.2f}M -> "
+              f"{num_params(pruned_model.config) / 1e6:.2f}M params: loss",
+              f"{_lm_loss(ref, tokens):.4f} / {pruned_loss:.4f}")
     m.add_row("least important layers (Block Influence)", str(scores["layer"].argsort().tolist()))
     m.add_row("least important layers (loss when skipped)",
               str(scores["layer_loss"].argsort().tolist()))

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Prune Olmo 3 7B with its importance scores on one node. Pruning gathers one layer at a time, so
+# TP=1/PP=1 on a single GPU (or CPU) is enough for 7B; larger models: raise TP/PP and the task count.
+#SBATCH --job-name=pare-prune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=128G
+#SBATCH --time=01:00:00
+set -euo pipefail
+
+MEGATRON_PATH=${MEGATRON_PATH:-$PWD/checkpoints/olmo3-7b-instruct}
+SCORES_PATH=${SCORES_PATH:-$PWD/scores/olmo3-7b-instruct.pt}
+RECIPE=${RECIPE:-olmo3_7b_width_4p5b}      # or olmo3_7b_depth_4p5b, olmo3_7b_combined_4p5b
+SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/$RECIPE}
+TP=${TP:-1}
+PP=${PP:-1}
+CONTAINER=${CONTAINER:-pare:latest}
+MOUNTS=${MOUNTS:-$PWD:$PWD}
+
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=${MASTER_PORT:-29501}
+srun --container-image="$CONTAINER" --container-mounts="$MOUNTS" --container-workdir="$PWD" \
+  pare prune recipe="$RECIPE" megatron_path="$MEGATRON_PATH" scores_path="$SCORES_PATH" \
+  save_path="$SAVE_PATH" tp="$TP" pp="$PP" "$@"
