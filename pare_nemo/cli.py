@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("conversion.convert", "export_hf"),
     "importance": ("pare_nemo.importance", "importance"),
     "prune": ("pare_nemo.prune", "prune"),
+    "search": ("pare_nemo.search", "search"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 

@@ -161,3 +161,32 @@ def test_bad_input(tmp_path, trained, trained_scores, megatron_gqa):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         prune(ck, sc, str(tmp_path / "exists"), target_ffn_hidden_size=64)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_search_ranks_candidates_within_budget(tmp_path, trained, trained_scores):
+    """Candidates respect the budget, are ranked by loss, and the in-memory pruned model is the
+    model ``pare prune`` + ``pare export`` produce (same held-out loss)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pare_nemo.data import load_token_data
+    from pare_nemo.search import search
+
+    total = num_params(AutoModelForCausalLM.from_pretrained(trained["hf"]).config)
+    out = search(str(trained["mg"]), trained_scores, budget=0.7 * total, tolerance=0.1,
+                 num_samples=8, seq_length=64, heads=[4, 2], layers=[4, 3],
+                 out_path=str(tmp_path / "search.json"))
+    rows = json.loads(open(out).read())["candidates"]
+    assert len(rows) >= 3
+    assert all(0.63 * total <= r["params"] <= 0.77 * total for r in rows)
+    assert [r["loss"] for r in rows] == sorted(r["loss"] for r in rows)
+    best = rows[0]
+    kw = {k: best[k] for k in ("target_ffn_hidden_size", "target_num_attention_heads",
+                               "target_hidden_size", "target_num_layers")}
+    hf_dir = export_hf(prune(str(trained["mg"]), trained_scores, str(tmp_path / "p"),
+                             layer_metric="layer_loss", **kw), str(tmp_path / "hf"))
+    held = load_token_data("pydoc", AutoTokenizer.from_pretrained(hf_dir), 8, 64).tokens
+    assert abs(_hf_loss(hf_dir, held) - best["loss"]) <= 1e-4
+    with pytest.raises(ValueError, match="no candidate"):
+        search(str(trained["mg"]), trained_scores, budget=10.0, num_samples=8, seq_length=64)
