@@ -260,7 +260,7 @@ def _share_across_stages(tensors: dict | None, owner_stage: int) -> dict:
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return tensors
     group = ps.get_pipeline_model_parallel_group()
-    box = [tensors]
+    box = [{k: v.cpu() for k, v in tensors.items()} if tensors is not None else None]
     dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[owner_stage],
                                group=group)
     return box[0]

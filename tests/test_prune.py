@@ -190,3 +190,21 @@ def test_search_ranks_candidates_within_budget(tmp_path, trained, trained_scores
     assert abs(_hf_loss(hf_dir, held) - best["loss"]) <= 1e-4
     with pytest.raises(ValueError, match="no candidate"):
         search(str(trained["mg"]), trained_scores, budget=10.0, num_samples=8, seq_length=64)
+
+
+def test_block_metric_drops_the_cheapest_contiguous_block(hf_gqa):
+    from transformers import Olmo3Config
+
+    from pare_nemo.prune import plan
+
+    cfg = Olmo3Config.from_pretrained(hf_gqa)  # 4 layers, layer 3 is full attention
+    scores = {"mlp": torch.rand(4, cfg.intermediate_size), "attention": torch.rand(4, 4),
+              "attn_ln": torch.rand(cfg.hidden_size), "ffn_ln": torch.rand(cfg.hidden_size),
+              "layer": torch.rand(4), "layer_loss": torch.tensor([0.5, 0.1, 0.2, 0.05])}
+    assert plan(cfg, scores, target_num_layers=2, layer_metric="block").layers == [0, 1]
+    assert plan(cfg, scores, target_num_layers=2, layer_metric="layer_loss").layers == [0, 2]
+    protected = plan(cfg, scores, target_num_layers=2, layer_metric="block",
+                     protect_full_attention=True)
+    assert protected.layers == [0, 3] and protected.config.layer_types[-1] == "full_attention"
+    with pytest.raises(ValueError, match="give target_num_layers or drop_layers"):
+        plan(cfg, scores, target_num_layers=2, drop_layers=[1])
