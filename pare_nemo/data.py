@@ -37,6 +37,15 @@ class TokenData:
         return h.hexdigest()
 
 
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+    """(sum, count) of next-token NLL over positions where both tokens are real. logits: [b, s, V]
+    (V = the real vocabulary), tokens and mask: [b, s]. The one loss definition of every stage."""
+    keep = (mask[:, 1:] & mask[:, :-1]).flatten()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                            tokens[:, 1:].flatten(), reduction="none")
+    return (nll * keep).sum(), keep.sum()
+
+
 def _records(data: str, split: str, limit_docs: int | None):
     """Yield dict records (``text`` or ``messages``) from a local file or an HF dataset id."""
     if data == PYDOC:

@@ -22,8 +22,10 @@ def _real_tokens(tokenizer, batch: int, seq: int) -> torch.Tensor:
 
 
 def _lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()).item()
+    from pare_nemo.data import next_token_nll
+
+    s, n = next_token_nll(logits, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    return (s / n).item()
 
 
 def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:

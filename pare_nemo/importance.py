@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pare_nemo.data import next_token_nll
 from pare_nemo.parallel import run_forward
 
 SEQ_AGGREGATIONS = ("mean", "l2")
@@ -155,12 +156,8 @@ def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
 
     def step(tokens, mask):
         def loss_func(logits):
-            logits = logits[..., :vocab_size].float()
-            m = (mask[:, 1:] & mask[:, :-1]).flatten()
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
-                                  reduction="none")
-            s = (nll * m).sum()
-            return s, {"nll": s.detach().double(), "n": m.sum().double()}
+            s, n = next_token_nll(logits[..., :vocab_size], tokens, mask)
+            return s, {"nll": s.detach().double(), "n": n.double()}
         return loss_func
 
     outs = run_forward(model, data.tokens, data.mask, micro_batch_size, step)

@@ -80,7 +80,7 @@ def plan(hf_config, scores: dict, tp: int = 1, target_ffn_hidden_size: int | Non
     hidden = pick(target_hidden_size, H)
     for name, v, full in (("target_ffn_hidden_size", ffn, F), ("target_hidden_size", hidden, H),
                           ("target_num_attention_heads", heads, nh),
-                          ("target_num_query_groups", groups, max(ng, heads if ng == nh else ng))):
+                          ("target_num_query_groups", groups, ng)):
         _check(0 < v <= full, f"{name}={v} must be in [1, {full}]")
     for name, v in (("target_ffn_hidden_size", ffn), ("target_hidden_size", hidden),
                     ("target_num_attention_heads", heads), ("target_num_query_groups", groups)):

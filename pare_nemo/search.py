@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from conversion import olmo3 as bridge
+from pare_nemo.data import next_token_nll
 from pare_nemo.prune import num_params, plan, prune_global, prune_layer, validate_scores
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -64,12 +65,9 @@ def lm_loss(model, tokens: torch.Tensor, mask: torch.Tensor, batch: int = 4) -> 
     nll, n = 0.0, 0
     for s in range(0, len(tokens), batch):
         t, m = tokens[s:s + batch].to(dev), mask[s:s + batch].to(dev)
-        logits = model(t).logits.float()
-        keep = (m[:, 1:] & m[:, :-1]).flatten()
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), t[:, 1:].flatten(),
-                                                   reduction="none")
-        nll += float((losses * keep).sum())
-        n += int(keep.sum())
+        s_, n_ = next_token_nll(model(t).logits, t, m)
+        nll += float(s_)
+        n += int(n_)
     return nll / n
 
 
