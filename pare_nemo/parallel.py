@@ -23,6 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_device(local_rank: int, device_count: int) -> int:
+    """The GPU index for the process of node-local rank ``local_rank`` that sees ``device_count``
+    GPUs: ``local_rank`` where every task sees all the node's GPUs (torchrun, plain srun), 0 where
+    the site binds one GPU per task (CUDA_VISIBLE_DEVICES holds one device), and in general
+    ``local_rank % device_count``."""
+    if device_count < 1:
+        raise ValueError(f"no CUDA device visible (device_count={device_count})")
+    return local_rank % device_count
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     """Initialize torch.distributed (if needed) and megatron-core's model-parallel groups."""
     from megatron.core import parallel_state as ps
@@ -30,13 +40,14 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 
     apply_cpu_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # srun tasks
             os.environ["RANK"] = os.environ["SLURM_PROCID"]
             os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-            os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+            os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+            torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:  # a single local process; nothing leaks into os.environ (and child processes)

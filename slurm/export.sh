@@ -1,5 +1,9 @@
 #!/bin/bash
-# Pare Megatron checkpoint -> HF directory (AutoModelForCausalLM / AutoTokenizer load it).
+# Pare Megatron checkpoint -> HF directory (AutoModelForCausalLM / AutoTokenizer load it). CPU work
+# (one process).
+# Run from the repository root:  [CONTAINER=...] sbatch slurm/export.sh [extra pare arguments]
+# Container, mounts, HF_HOME, ports, layout: see slurm/common.sh. Resources: the #SBATCH lines
+# below; override them with sbatch flags.
 #SBATCH --job-name=pare-export
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -10,8 +14,9 @@ set -euo pipefail
 
 MEGATRON_PATH=${MEGATRON_PATH:-$PWD/checkpoints/olmo3-7b-instruct}
 HF_PATH=${HF_PATH:-$PWD/exports/olmo3-7b-instruct-hf}
-CONTAINER=${CONTAINER:-pare:latest}
-MOUNTS=${MOUNTS:-$PWD:$PWD}
 
-srun --container-image="$CONTAINER" --container-mounts="$MOUNTS" --container-workdir="$PWD" \
-  pare export megatron_path="$MEGATRON_PATH" hf_path="$HF_PATH" "$@"
+# sbatch runs a copy of this script: common.sh is beside it, or in the submit directory's slurm/
+here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
+# shellcheck source=slurm/common.sh
+source "$here/common.sh"
+launch export megatron_path="$MEGATRON_PATH" hf_path="$HF_PATH" "$@"

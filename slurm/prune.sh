@@ -1,6 +1,11 @@
 #!/bin/bash
 # Prune Olmo 3 7B with its importance scores on one node. Pruning gathers one layer at a time, so
 # TP=1/PP=1 on a single GPU (or CPU) is enough for 7B; larger models: raise TP/PP and the task count.
+# Run from the repository root:  [CONTAINER=...] [RECIPE=...] sbatch slurm/prune.sh [extra pare arguments]
+# Other layouts: sbatch flags override the #SBATCH lines below, e.g.
+#   TP=2 sbatch --ntasks-per-node=2 --gpus-per-node=2 slurm/prune.sh
+#   sbatch --gpus-per-node=0 slurm/prune.sh                     # CPU only
+# Container, mounts, HF_HOME, ports, GPU choice: see slurm/common.sh.
 #SBATCH --job-name=pare-prune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -16,11 +21,10 @@ RECIPE=${RECIPE:-olmo3_7b_width_4p5b}      # or olmo3_7b_depth_4p5b, olmo3_7b_co
 SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/$RECIPE}
 TP=${TP:-1}
 PP=${PP:-1}
-CONTAINER=${CONTAINER:-pare:latest}
-MOUNTS=${MOUNTS:-$PWD:$PWD}
 
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=${MASTER_PORT:-29501}
-srun --container-image="$CONTAINER" --container-mounts="$MOUNTS" --container-workdir="$PWD" \
-  pare prune recipe="$RECIPE" megatron_path="$MEGATRON_PATH" scores_path="$SCORES_PATH" \
+# sbatch runs a copy of this script: common.sh is beside it, or in the submit directory's slurm/
+here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
+# shellcheck source=slurm/common.sh
+source "$here/common.sh"
+launch prune recipe="$RECIPE" megatron_path="$MEGATRON_PATH" scores_path="$SCORES_PATH" \
   save_path="$SAVE_PATH" tp="$TP" pp="$PP" "$@"
