@@ -1,0 +1,358 @@
+"""The losses of every Pare stage (importance's ``layer_loss``, search, distillation, evaluation),
+computed on vocab-parallel logits without gathering the vocabulary.
+
+Logits are what megatron's output layer gives with ``parallel_output=True``: shape [s, b, V_local]
+or [N, V_local] (any leading dims are tokens), where rank r of ``tp_group`` holds the columns
+[r * V_local, (r + 1) * V_local) of the padded vocabulary. ``tp_group=None`` means the logits hold
+the whole padded vocabulary. Columns >= ``vocab_size`` (the padding, e.g. 100278 -> 100352) are left
+out: zero probability and zero gradient whatever their values. As in megatron's
+``vocab_parallel_cross_entropy``, each token's max and sum of exponentials are all-reduced over the
+TP group; only [tokens]-sized vectors (and, for ``top_k``, [tokens, k] candidates) travel.
+
+Both functions return a per-token loss, fp32, shaped like the logits without their last dim; the
+caller masks and reduces it (``(loss * mask).sum() / mask.sum()``). Over the real vocabulary:
+
+``cross_entropy(logits, labels, vocab_size)``
+    ``-log softmax(logits)[label]``; labels must be in [0, vocab_size) (give masked-out positions
+    any valid id, e.g. the pad token's, and mask their losses).
+
+``kl_divergence(student_logits, teacher_logits, vocab_size, kind, beta, temperature, top_k)``
+    with p = softmax(teacher_logits / T) and q = softmax(student_logits / T):
+
+    - ``kind="forward"``: KL(p || q) = sum_i p_i (log p_i - log q_i)
+    - ``kind="reverse"``: KL(q || p) = sum_i q_i (log q_i - log p_i)
+    - ``kind="jsd"``: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, with
+      0 < beta < 1 (the generalized JSD of GKD, Agarwal et al. 2024, as TRL writes it: beta weighs
+      the teacher); beta = 0.5 is the symmetric Jensen-Shannon divergence. JSD / beta -> forward KL
+      as beta -> 0 and JSD / (1 - beta) -> reverse KL as beta -> 1: use those kinds there.
+
+    ``temperature`` T divides both logits; no T^2 factor is applied: multiply the loss by T**2
+    yourself (Hinton et al.) to keep gradient magnitudes comparable across temperatures.
+    ``top_k=k``: p and q are replaced by (k + 1)-point distributions: the probabilities of the
+    teacher's k most probable tokens (over the whole vocabulary, across TP ranks), plus one bucket
+    with each distribution's remaining mass; the divergence is taken on those k + 1 probabilities.
+    k >= vocab_size gives the full divergence. Only the student gets a gradient.
+
+Gradients are exact at any TP: the all-reduces live inside the forward of a custom
+``torch.autograd.Function`` (never differentiated); its backward returns each rank's slice of
+d loss / d logits, equal to TP=1's slice (no factor of the TP size).
+
+Memory: all math is fp32, ``chunk`` tokens at a time (default: as many as make a [chunk, V_local]
+fp32 tensor of 2**24 elements, 64 MiB; a few such tensors are the whole fp32 workspace). The forward
+computes each token's gradient d loss_i / d logits_i and stores it in the logits' dtype: one tensor
+the size of the logits, i.e. the gradient that backward has to return anyway; backward scales it by
+the incoming per-token gradient in place and returns it. Chosen over recomputing in backward: the
+same peak (recomputing would keep the student and teacher logits alive until backward instead), half
+the work, and the teacher logits can be freed right after the forward. A second backward through
+the same graph (``retain_graph=True``) is refused by autograd's in-place check. Under
+``torch.no_grad()`` or when the logits do not require grad, nothing is stored. In bf16 the stored
+gradient is rounded twice (stored, then scaled): within 2**-7 relative of the exact value.
+benchmarks/bench_kl_memory.py compares peak memory and time with a plain fp32 PyTorch KL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.utils import VocabUtility
+
+KINDS = ("forward", "reverse", "jsd")
+CHUNK_ELEMENTS = 1 << 24  # default chunk: tokens * V_local ~ 2**24 fp32 elements (64 MiB)
+_MAX, _SUM = dist.ReduceOp.MAX, dist.ReduceOp.SUM
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_group=None,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Per-token ``-log softmax(logits[..., :vocab_size])[labels]`` (fp32, shaped like ``labels``)
+    on vocab-parallel ``logits`` [..., V_local]; see the module docstring."""
+    _check_logits(logits, "logits")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != logits shape without the vocab "
+                         f"dim {tuple(logits.shape[:-1])}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
+    lay = _layout(logits, vocab_size, tp_group, chunk)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
+        raise ValueError(f"labels must be in [0, {vocab_size}), got [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropy.apply(logits, labels, lay)
+    return _ce_chunks(logits, labels, lay, need_grad=False)[0]
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int,
+                  kind: str = "forward", beta: float = 0.5, temperature: float = 1.0,
+                  top_k: int | None = None, tp_group=None,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Per-token divergence between softmax(teacher_logits / T) and softmax(student_logits / T)
+    over the real vocabulary (fp32, shaped like the logits without their last dim); ``kind``
+    "forward" KL(p||q), "reverse" KL(q||p) or "jsd"; see the module docstring."""
+    _check_logits(student_logits, "student_logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (beta -> 0 / 1: use kind='forward' "
+                         "/ 'reverse')")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    lay = _layout(student_logits, vocab_size, tp_group, chunk)
+    top_k = None if top_k is None else min(top_k, vocab_size)
+    opts = (kind, float(beta), float(temperature), top_k)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _KLDivergence.apply(student_logits, teacher_logits, lay, opts)
+    return _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd: forward stores each token's gradient, backward scales it
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, lay):
+        loss, grad = _ce_chunks(logits, labels, lay, need_grad=True)
+        ctx.save_for_backward(grad)
+        ctx.chunk = lay["chunk"]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return _scale_rows(grad, grad_loss, ctx.chunk), None, None
+
+
+class _KLDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, lay, opts):
+        loss, grad = _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=True)
+        ctx.save_for_backward(grad)
+        ctx.chunk = lay["chunk"]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return _scale_rows(grad, grad_loss, ctx.chunk), None, None, None
+
+
+def _scale_rows(grad, grad_loss, chunk):
+    """grad [..., V_local] *= grad_loss [...] per token, in place (fp32 math), and return it."""
+    g2, w = grad.view(-1, grad.shape[-1]), grad_loss.reshape(-1).float()
+    if g2.dtype == torch.float32:
+        g2.mul_(w[:, None])
+    else:
+        for r0 in range(0, g2.shape[0], chunk):
+            rows = g2[r0:r0 + chunk]
+            rows.copy_(rows.float().mul_(w[r0:r0 + chunk, None]))
+    return grad
+
+
+# ------------------------------------------------------------------------------------------------
+# chunked computations
+
+
+def _check_logits(t, name):
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor [..., V_local], got "
+                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+
+
+def _layout(logits, vocab_size, tp_group, chunk):
+    """This rank's vocab slice: its first global column, how many of its columns are real."""
+    rank, world = (0, 1) if tp_group is None else (dist.get_rank(tp_group),
+                                                   dist.get_world_size(tp_group))
+    v_local = logits.shape[-1]
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size > v_local * world:
+        raise ValueError(f"vocab_size {vocab_size} > {world} TP rank(s) x {v_local} logit columns"
+                         + ("; pass tp_group= for vocab-parallel logits" if world == 1 else ""))
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int (tokens) or None, got {chunk!r}")
+    start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(v_local, rank, world)
+    return dict(group=tp_group, rank=rank, world=world, v_local=v_local, start=start,
+                real=max(0, min(v_local, vocab_size - start)),
+                chunk=chunk or max(1, CHUNK_ELEMENTS // v_local))
+
+
+def _all_reduce(t, op, lay):
+    if lay["world"] > 1:
+        dist.all_reduce(t, op=op, group=lay["group"])
+    return t
+
+
+def _row_max(x):
+    """Per-row max as fp32; -inf for rows of a rank that holds no real column."""
+    if x.shape[1] == 0:
+        return torch.full((x.shape[0],), float("-inf"), device=x.device)
+    return x.amax(dim=1).float()
+
+
+def _new_grad(logits, lay, need_grad):
+    """The stored gradient [N, V_local] in the logits' dtype, padding columns zeroed."""
+    if not need_grad:
+        return None
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad[..., lay["real"]:] = 0
+    return grad
+
+
+def _ce_chunks(logits, labels, lay, need_grad):
+    x2, y = logits.reshape(-1, lay["v_local"]), labels.reshape(-1)
+    nv, chunk = lay["real"], lay["chunk"]
+    loss = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    grad = _new_grad(logits, lay, need_grad)
+    g2 = None if grad is None else grad.view(-1, lay["v_local"])
+    for r0 in range(0, x2.shape[0], chunk):
+        x = x2[r0:r0 + chunk, :nv]
+        lab = y[r0:r0 + chunk] - lay["start"]
+        mine = (lab >= 0) & (lab < nv)  # the label's column lives on this rank
+        lab = torch.where(mine, lab, 0)[:, None]
+        m = _all_reduce(_row_max(x), _MAX, lay)
+        z = x - m[:, None]  # fp32 (new tensor, also for bf16 x)
+        target = z.gather(1, lab)[:, 0] if nv else torch.zeros_like(m)
+        target = torch.where(mine, target, 0.0)
+        z.exp_()
+        st = _all_reduce(torch.stack([z.sum(1), target]), _SUM, lay)
+        loss[r0:r0 + chunk] = st[0].log() - st[1]
+        if g2 is not None:
+            z.div_(st[0][:, None])  # softmax; minus one at the label
+            if nv:
+                z.scatter_add_(1, lab, -mine.float()[:, None])
+            g2[r0:r0 + chunk, :nv] = z
+    return loss.view(logits.shape[:-1]), grad
+
+
+def _xmul(x, y):
+    """x * y with 0 where x == 0 (y may be infinite there): the x log x = 0 convention."""
+    return torch.where(x > 0, x * y, 0.0)
+
+
+def _jsd_logs_(d, beta):
+    """For d = log p - log q and m = beta p + (1 - beta) q: (log m - log p, log m - log q), the
+    first in d's memory; exactly 0 where p == q, no overflow: t = log1p((1-beta) expm1(-d)) =
+    log m - log p for d > 0, t = log1p(beta expm1(d)) = log m - log q for d <= 0."""
+    t = d.abs().neg_().expm1_().mul_(torch.where(d > 0, 1.0 - beta, beta)).log1p_()
+    b = d.clamp(min=0).add_(t)  # log m - log q
+    del t
+    return d.neg_().add_(b), b  # log m - log p = b - d
+
+
+def _top_k_columns(xt, k, lay):
+    """[c, real] bool: this rank's columns among each token's k largest teacher logits over the
+    whole vocabulary. Every rank sends its min(k, V_local) best (padded with -inf), all ranks pick
+    the same k from the gathered candidates."""
+    c, nv = xt.shape
+    kg = min(k, lay["v_local"])  # the same on every rank; world * kg >= vocab_size >= k
+    kl = min(kg, nv)
+    vals = torch.full((c, kg), float("-inf"), device=xt.device)
+    idx = torch.zeros((c, kg), dtype=torch.long, device=xt.device)
+    if kl:
+        v, i = xt.topk(kl, dim=1)
+        vals[:, :kl], idx[:, :kl] = v.float(), i
+    if lay["world"] > 1:
+        parts = [torch.empty_like(vals) for _ in range(lay["world"])]
+        dist.all_gather(parts, vals, group=lay["group"])
+        vals = torch.cat(parts, dim=1)
+    pos = vals.topk(k, dim=1).indices - lay["rank"] * kg  # candidates of this rank: [0, kl)
+    mine = (pos >= 0) & (pos < kl)
+    cols = torch.where(mine, idx.gather(1, pos.clamp(0, kg - 1)), nv)  # nv: a dummy column
+    sel = torch.zeros((c, nv + 1), dtype=torch.bool, device=xt.device)
+    return sel.scatter_(1, cols, True)[:, :nv]
+
+
+def _kl_chunks(student, teacher, lay, opts, need_grad):
+    kind, beta, T, k = opts
+    s2 = student.reshape(-1, lay["v_local"])
+    t2 = teacher.reshape(-1, lay["v_local"])
+    nv, chunk = lay["real"], lay["chunk"]
+    loss = torch.empty(s2.shape[0], dtype=torch.float32, device=s2.device)
+    grad = _new_grad(student, lay, need_grad)
+    g2 = None if grad is None else grad.view(-1, lay["v_local"])
+    ninf = float("-inf")
+    for r0 in range(0, s2.shape[0], chunk):
+        xs, xt = s2[r0:r0 + chunk, :nv], t2[r0:r0 + chunk, :nv]
+        sel = _top_k_columns(xt, k, lay) if k is not None else None
+        maxes = [_row_max(xs), _row_max(xt)]
+        if sel is not None:  # the bucket's own max keeps its log-mass finite (no underflow)
+            maxes += [_row_max(xs.masked_fill(sel, ninf)), _row_max(xt.masked_fill(sel, ninf))]
+        M = _all_reduce(torch.stack(maxes), _MAX, lay)
+        M = torch.where(M > ninf, M, 0.0)  # empty bucket (k = vocab): its sum below is 0
+        A = xs - M[0, :, None]  # student logits minus their max (a new fp32 tensor)
+        B = xt - M[1, :, None]
+        if T != 1.0:
+            A.div_(T), B.div_(T)
+        sums = [torch.exp(A).sum(1), torch.exp(B).sum(1)]
+        if sel is not None:
+            shift = (M[:2] - M[2:]) / T  # from each max to its bucket's max
+            sums += [torch.exp(A + shift[0, :, None]).masked_fill_(sel, 0).sum(1),
+                     torch.exp(B + shift[1, :, None]).masked_fill_(sel, 0).sum(1)]
+        S = _all_reduce(torch.stack(sums), _SUM, lay).log_()
+        A.sub_(S[0, :, None])  # log q
+        B.sub_(S[1, :, None])  # log p
+        if sel is not None:  # log q and log p of the bucket; -inf when it is empty
+            lq_r, lp_r = S[2] - shift[0] - S[0], S[3] - shift[1] - S[1]
+            q_r, p_r = lq_r.exp(), lp_r.exp()
+        # per column: `terms` sum to the loss; h_i = q_i dL/dq_i, so that
+        # dL/d(logit_i / T) = h_i - q_i E with E = sum_i h_i (the bucket counts as one column)
+        if kind == "forward":  # h = -p, E = -1
+            p = B.exp()
+            terms = B.sub_(A).mul_(p)  # p (log p - log q)
+            if sel is not None:
+                l_r = _xmul(p_r, lp_r - lq_r)
+        elif kind == "reverse":
+            q = A.exp()
+            terms = h = B.neg_().add_(A).mul_(q)  # q (log q - log p)
+            del A
+            if sel is not None:
+                l_r = h_r = _xmul(q_r, lq_r - lp_r)
+                g_r = lq_r - lp_r  # h_r / q_r
+        else:
+            p, q = B.exp(), A.exp()
+            B.sub_(A)  # log p - log q
+            del A
+            a, b = _jsd_logs_(B, beta)  # a in B's memory
+            h = b.mul_(q).mul_(beta - 1.0)  # -(1 - beta) q (log m - log q)
+            terms = a.mul_(p).mul_(-beta).add_(h)  # + -beta p (log m - log p)
+            del p
+            if sel is not None:
+                a_r, b_r = _jsd_logs_(lp_r - lq_r, beta)
+                h_r = (beta - 1.0) * _xmul(q_r, b_r)
+                l_r = -beta * _xmul(p_r, a_r) + h_r
+                g_r = (beta - 1.0) * b_r
+        del B
+        if sel is not None:
+            terms = torch.where(sel, terms, 0.0)
+            h = torch.where(sel, h, 0.0) if kind != "forward" else None
+        LE = [terms.sum(1)] + ([h.sum(1)] if kind != "forward" else [])
+        LE = _all_reduce(torch.stack(LE), _SUM, lay)
+        del terms
+        if sel is not None:
+            LE += torch.stack([l_r] + ([h_r] if kind != "forward" else []))
+        loss[r0:r0 + chunk] = LE[0]
+        if g2 is None:
+            continue
+        if kind == "forward":  # q_i - p_i
+            if sel is None:
+                gr = A.exp_().sub_(p)
+            else:  # bucket columns: q_i (1 - p_r / q_r) = q_i - exp(log q_i + log p_r - log q_r)
+                q = A.exp()
+                rest = torch.exp(A.add_((lp_r - lq_r)[:, None])).neg_().add_(q)
+                gr = torch.where(sel, q.sub_(p), rest)
+        else:
+            E = LE[1, :, None]
+            gr = h.addcmul_(q, E, value=-1.0)
+            if sel is not None:  # bucket columns: q_i (h_r / q_r - E)
+                gr = torch.where(sel, gr, q * (g_r[:, None] - E))
+        g2[r0:r0 + chunk, :nv] = gr.div_(T) if T != 1.0 else gr
+    return loss.view(student.shape[:-1]), grad
