@@ -25,7 +25,6 @@ from pare_nemo.checkpoint import (
     save_model,
 )
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -67,15 +66,17 @@ def _read_safetensors_header(file: Path) -> dict:
 
 def _read_rows_into(f, info: dict, row_start: int, row_end: int, out: torch.Tensor) -> None:
     """Read rows [row_start, row_end) of a safetensors tensor straight into ``out`` (contiguous,
-    same dtype) with plain file I/O: no mmap pages left resident, no intermediate copy."""
-    if _ST_DTYPES[info["dtype"]] != out.dtype:
-        raise CheckpointError(f"tensor stored as {info['dtype']} but the model is {out.dtype}; "
-                              "import with the checkpoint's own dtype")
-    row_bytes = out.nbytes // max(out.shape[0], 1) if out.dim() > 1 else out.element_size()
+    same dtype) with plain file I/O: no mmap pages left resident, no intermediate copy. A block
+    stored in another dtype (``dtype=`` on import) is read into a buffer of its own and converted."""
+    stored = _ST_DTYPES[info["dtype"]]
+    dst = out if stored == out.dtype else torch.empty(out.shape, dtype=stored)  # converted below
+    row_bytes = dst.nbytes // max(dst.shape[0], 1) if dst.dim() > 1 else dst.element_size()
     f.seek(info["offset"] + row_start * row_bytes)
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    view = memoryview(dst.view(-1).view(torch.uint8).numpy())
     if f.readinto(view) != (row_end - row_start) * row_bytes:
         raise CheckpointError(f"short read from {f.name}")
+    if dst is not out:
+        out.copy_(dst)
 
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
@@ -84,12 +85,22 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "token
 def resolve_hf_path(hf_path: str) -> Path:
     """A local directory as is; otherwise a Hugging Face Hub id (``allenai/Olmo-3-7B-Instruct``,
     optionally ``@revision``), downloaded (safetensors, config, tokenizer) into the HF cache."""
-    if Path(hf_path).exists() or hf_path.startswith((".", "/", "~")) or hf_path.count("/") != 1:
-        return Path(hf_path).expanduser()
+    local = Path(hf_path).expanduser()
+    looks_local = (hf_path.startswith((".", "/", "~")) or hf_path.count("/") != 1
+                   or Path(hf_path.split("/")[0]).expanduser().is_dir())  # my_models/olmo3
+    if local.exists() or looks_local:
+        if not local.is_dir():
+            raise CheckpointError(f"HF checkpoint directory {hf_path} does not exist")
+        return local
     from huggingface_hub import snapshot_download
 
     repo, _, revision = hf_path.partition("@")
-    return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS))
+    try:
+        return Path(snapshot_download(repo, revision=revision or None,
+                                      allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated model, …
+        raise CheckpointError(f"{hf_path} is not a local directory, and downloading it from the "
+                              f"Hugging Face Hub failed: {type(e).__name__}: {e}") from None
 
 
 def load_hf_config(hf_path: str | os.PathLike):
@@ -157,20 +168,52 @@ def index_hf_weights(hf_path: Path, hf_config) -> dict[str, tuple[Path, dict]]:
 # ---------------------------------------------------------------- import
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def check_tokenizer(tok_dir: Path, hf_config, given: bool) -> list[Path]:
+    """The tokenizer files to keep with the checkpoint; a clear error if there is no tokenizer
+    that loads, or if it has more tokens than the model's vocabulary."""
+    files = [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
+    hint = "" if given else "; pass tokenizer_path=<directory with the tokenizer files>"
+    if not any(f.name != "generation_config.json" for f in files):
+        raise CheckpointError(f"{tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}"
+                              f", …){hint}")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as e:
+        raise CheckpointError(f"the tokenizer in {tok_dir} does not load: {type(e).__name__}: "
+                              f"{e}{hint}") from None
+    if len(tok) > hf_config.vocab_size:
+        raise CheckpointError(f"the tokenizer in {tok_dir} has {len(tok)} tokens, more than the "
+                              f"model's vocab_size={hf_config.vocab_size}{hint}")
+    return files
+
+
 def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
-              dtype: str | None = None) -> Path:
+              dtype: str | None = None, tokenizer_path: str | None = None) -> Path:
     """HF Olmo 3 directory or Hub id -> Pare Megatron checkpoint (loadable at any TP/PP)."""
     from pare_nemo.model import build_olmo3_model
     from pare_nemo.parallel import distributed
 
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     hf_path = resolve_hf_path(hf_path)
     hf_config = load_hf_config(hf_path)
     where = index_hf_weights(hf_path, hf_config)
-    check_output_dir(megatron_path, overwrite)
+    tok_dir = resolve_hf_path(tokenizer_path) if tokenizer_path else hf_path
+    tokenizer_files = check_tokenizer(tok_dir, hf_config, given=tokenizer_path is not None)
+    check_output_dir(megatron_path, overwrite, inputs=[hf_path, tok_dir])
     torch_dtype = getattr(torch, dtype) if dtype else bridge.hf_dtype(hf_config)
     padded = bridge.padded_vocab_size(hf_config.vocab_size)
 
-    with distributed(tp=1, pp=1), atomic_output_dir(megatron_path, overwrite) as tmp:
+    with distributed(tp=1, pp=1), atomic_output_dir(megatron_path, overwrite,
+                                                    inputs=[hf_path, tok_dir]) as tmp:
         cfg = bridge.megatron_config(hf_config, dtype=torch_dtype, use_cpu_initialization=True,
                                      perform_initialization=False)
         model = build_olmo3_model(cfg, padded)
@@ -194,9 +237,8 @@ def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
         del model, params
         tok = tmp / TOKENIZER_DIR
         tok.mkdir()
-        for f in hf_path.iterdir():
-            if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(f, tok / f.name)
+        for f in tokenizer_files:
+            shutil.copy2(f, tok / f.name)
     return Path(megatron_path)
 
 
@@ -212,9 +254,10 @@ def export_hf(megatron_path: str, hf_path: str, overwrite: bool = False,
 
     megatron_path = Path(megatron_path)
     hf_config, _, dtype = read_model_config(megatron_path)  # clear error if not a checkpoint
-    check_output_dir(hf_path, overwrite)
+    check_output_dir(hf_path, overwrite, inputs=[megatron_path])
 
-    with distributed(tp=1, pp=1), atomic_output_dir(hf_path, overwrite) as tmp:
+    with distributed(tp=1, pp=1), atomic_output_dir(hf_path, overwrite,
+                                                    inputs=[megatron_path]) as tmp:
         model, hf_config = load_model(megatron_path, use_cpu_initialization=True)
         params = model.state_dict()
         shard: dict[str, torch.Tensor] = {}

@@ -32,18 +32,26 @@ def _barrier():
         dist.barrier()
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_dir(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """Refuse an existing output unless ``overwrite``, and always an output that is one of the
+    ``inputs`` or contains one (``overwrite=true`` would delete the source)."""
     path = Path(path)
+    out = path.expanduser().resolve()
+    for i in inputs:
+        src = Path(i).expanduser().resolve()
+        if out == src or out in src.parents:
+            raise ValueError(f"output {path} is {'the input' if out == src else 'a parent of the input'}"
+                             f" {i}: choose another output path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {path} already exists; pass overwrite=true to replace it")
     return path
 
 
 @contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()):
     """Yield a temporary sibling directory; rename it to ``path`` only when the body succeeds.
     Works with several ranks: all write into the same temporary directory, rank 0 renames."""
-    path = check_output_dir(path, overwrite)
+    path = check_output_dir(path, overwrite, inputs)
     tmp = path.parent / f".{path.name}.partial"
     if _rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +98,8 @@ def read_model_config(path: str | os.PathLike):
     from transformers import Olmo3Config
 
     f = Path(path) / CONFIG_FILE
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint {path} does not exist")
     if not f.exists():
         raise FileNotFoundError(f"{path} is not a Pare checkpoint (no {CONFIG_FILE})")
     meta = json.loads(f.read_text())

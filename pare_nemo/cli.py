@@ -1,14 +1,23 @@
-"""``pare <command> key=value …``: the same entrypoints as ``nemo llm <command> key=value …``."""
+"""``pare <command> key=value …``: the same entrypoints as ``nemo llm <command> key=value …``.
+
+Fast by construction: a command's arguments (names, types, defaults, first doc line) are read from
+its source with :mod:`ast`, so ``pare --help``, a misspelled key or a bad value are answered without
+importing torch or megatron; the stage module is imported only when the command runs.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
-import types
 import typing
 import warnings
+from functools import lru_cache
+from pathlib import Path
 
 COMMANDS = {
     "import": ("conversion.convert", "import_hf"),
@@ -19,76 +28,172 @@ COMMANDS = {
     "demo": ("pare_nemo.demo", "demo"),
 }
 
+REQUIRED = inspect.Parameter.empty
+_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: object  # int, str, typing.Optional[int], typing.List[int], …
+    default: object  # REQUIRED when the argument must be given
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    function: str
+    doc: str
+    params: tuple[Param, ...]
+
+
+def _type(node: ast.expr):
+    """An annotation's AST -> a typing object both parsers (ours and NeMo-Run's) understand."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return typing.Union[_type(node.left), _type(node.right)]
+    if isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "list":
+        return typing.List[_type(node.slice)]
+    if isinstance(node, ast.Constant) and node.value is None:
+        return type(None)
+    if isinstance(node, ast.Name) and node.id in _NAMES:
+        return _NAMES[node.id]
+    raise TypeError(f"unsupported annotation {ast.unparse(node)!r} in a pare command")
+
+
+@lru_cache(maxsize=None)
+def command(name: str) -> Command:
+    """The command's signature, read from its module's source (nothing heavy is imported)."""
+    module, function = COMMANDS[name]
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    fn = next(n for n in ast.parse(source).body
+              if isinstance(n, ast.FunctionDef) and n.name == function)
+    args = fn.args.args
+    defaults = [REQUIRED] * (len(args) - len(fn.args.defaults)) + [
+        eval(compile(ast.Expression(d), "<default>", "eval"), {"__builtins__": {}})
+        for d in fn.args.defaults]
+    params = tuple(Param(a.arg, _type(a.annotation), d) for a, d in zip(args, defaults))
+    doc = (ast.get_docstring(fn) or "").strip().split("\n")[0]
+    return Command(name, module, function, doc, params)
+
 
 def resolve(name: str):
-    module, fn = COMMANDS[name]
-    return getattr(importlib.import_module(module), fn)
+    """The stage function itself (imports its module)."""
+    module, function = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)
 
 
-def _coerce(value: str, annotation):
-    if isinstance(annotation, str):
-        annotation = {"bool": bool, "int": int, "float": float, "str": str}.get(
-            annotation.split("|")[0].strip(), str)
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        if value.lower() in ("none", "null"):
+def _coerce(value: str, tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        if value.lower() in ("none", "null") and type(None) in args:
             return None
-        annotation = next(a for a in args if a is not type(None))
-    if annotation is bool:
+        errors = []
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except ValueError as e:
+                    errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if tp is bool:
         if value.lower() in ("1", "true", "yes", "y"):
             return True
         if value.lower() in ("0", "false", "no", "n"):
             return False
         raise ValueError(f"expected true/false, got {value!r}")
-    if annotation in (int, float):
-        return annotation(value)
-    if typing.get_origin(annotation) is list:
-        return [_coerce(v, args[0]) for v in value.strip("[]").split(",") if v]
+    if tp is int:
+        try:
+            return int(value)
+        except ValueError:
+            f = float(value)  # 4.5e9, 1e3
+            if not f.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}") from None
+            return int(f)
+    if tp is float:
+        return float(value)
+    if typing.get_origin(tp) is list:  # [1,2], [1, 2], 1,2, [] or a single value
+        inner = value.strip().removeprefix("[").removesuffix("]")
+        return [_coerce(v.strip(), args[0]) for v in inner.split(",") if v.strip()]
     return value
 
 
-def recipe_defaults(name: str) -> dict:
-    """``recipe=<name>``: the arguments a named recipe of ``recipes/olmo3.py`` sets."""
-    import dataclasses
-
-    from recipes import olmo3
-
-    fn = getattr(olmo3, name, None)
-    if not callable(fn) or not dataclasses.is_dataclass(r := fn()):
-        raise SystemExit(f"unknown recipe {name!r}")
-    return dataclasses.asdict(r)
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "None" if tp is type(None) else tp.__name__
 
 
-def parse_kwargs(fn, argv: list[str], given: set[str] = frozenset()) -> dict:
-    sig = inspect.signature(fn)
+def parse_kwargs(cmd: Command, argv: list[str], given: set[str] = frozenset()) -> dict:
+    params = {p.name: p for p in cmd.params}
     kwargs = {}
     for arg in argv:
         if "=" not in arg:
-            raise SystemExit(f"arguments are key=value, got {arg!r}")
+            raise SystemExit(f"pare {cmd.name}: arguments are key=value, got {arg!r}")
         key, value = arg.split("=", 1)
         key = key.lstrip("-").replace("-", "_")
-        if key not in sig.parameters:
-            raise SystemExit(f"unknown argument {key!r}; expected one of {list(sig.parameters)}")
+        if key not in params:
+            raise SystemExit(f"pare {cmd.name}: unknown argument {key!r}; expected one of "
+                             f"{', '.join(params)}")
         try:
-            kwargs[key] = _coerce(value, sig.parameters[key].annotation)
+            kwargs[key] = _coerce(value, params[key].type)
         except ValueError as e:
-            raise SystemExit(f"bad value for {key}: {e}") from None
-    missing = [n for n, p in sig.parameters.items()
-               if p.default is inspect.Parameter.empty and n not in kwargs and n not in given]
+            raise SystemExit(f"pare {cmd.name}: bad value for {key} "
+                             f"({_type_name(params[key].type)}): {e}") from None
+    missing = [p.name for p in cmd.params
+               if p.default is REQUIRED and p.name not in kwargs and p.name not in given]
     if missing:
-        raise SystemExit(f"missing required argument(s): {', '.join(f'{m}=…' for m in missing)}")
+        raise SystemExit(f"pare {cmd.name}: missing required argument(s): "
+                         f"{' '.join(f'{m}=…' for m in missing)}")
     return kwargs
 
 
-def _usage() -> str:
+def recipes_for(cmd: Command) -> dict:
+    """Named recipes of ``recipes/olmo3.py`` whose fields are all arguments of ``cmd``."""
+    from recipes import olmo3
+
+    names = {p.name for p in cmd.params}
+    out = {}
+    for name in getattr(olmo3, "__all__", dir(olmo3)):
+        fn = getattr(olmo3, name)
+        hints = typing.get_type_hints(fn) if inspect.isfunction(fn) else {}
+        ret = hints.get("return")
+        if dataclasses.is_dataclass(ret) and {f.name for f in dataclasses.fields(ret)} <= names:
+            out[name] = fn
+    return out
+
+
+def recipe_defaults(cmd: Command, name: str) -> dict:
+    """``recipe=<name>``: the arguments a named recipe sets."""
+    valid = recipes_for(cmd)
+    if name not in valid:
+        raise SystemExit(f"pare {cmd.name}: unknown recipe {name!r}; recipes for this command: "
+                         f"{', '.join(valid) or 'none'}")
+    return dataclasses.asdict(valid[name]())
+
+
+def usage() -> str:
     lines = ["usage: pare <command> [recipe=<name>] key=value …", "", "commands:"]
     for name in COMMANDS:
-        fn = resolve(name)
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        lines.append(f"  {name:10s} {doc}")
-        params = [f"{n}" + ("" if p.default is inspect.Parameter.empty else f"={p.default}")
-                  for n, p in inspect.signature(fn).parameters.items()]
+        cmd = command(name)
+        lines.append(f"  {name:10s} {cmd.doc}")
+        params = [p.name + ("" if p.default is REQUIRED else f"={p.default}") for p in cmd.params]
         lines.append(f"  {'':10s} {' '.join(params)}")
+    lines += ["", "Values: true/false, numbers (4.5e9), lists as [1,2] or 1,2, none.",
+              "`pare <command> --help` shows one command with types and recipes."]
+    return "\n".join(lines)
+
+
+def command_usage(cmd: Command) -> str:
+    lines = [f"usage: pare {cmd.name} [recipe=<name>] key=value …", "", cmd.doc, ""]
+    for p in cmd.params:
+        default = "(required)" if p.default is REQUIRED else f"= {p.default!r}"
+        lines.append(f"  {p.name:28s} {_type_name(p.type):22s} {default}")
+    rec = recipes_for(cmd)
+    if rec:
+        lines += ["", f"recipes: {', '.join(rec)}"]
     return "\n".join(lines)
 
 
@@ -107,19 +212,25 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     quiet()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(usage())
         return
     if argv[0] not in COMMANDS:
-        raise SystemExit(f"unknown command {argv[0]!r}\n\n{_usage()}")
-    fn = resolve(argv[0])
-    recipe = [a for a in argv[1:] if a.startswith("recipe=")]
-    kwargs = recipe_defaults(recipe[-1].split("=", 1)[1]) if recipe else {}
-    kwargs |= parse_kwargs(fn, [a for a in argv[1:] if not a.startswith("recipe=")],
+        raise SystemExit(f"pare: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}\n"
+                         "(`pare --help` lists them with their arguments)")
+    cmd = command(argv[0])
+    rest = argv[1:]
+    if any(a in ("-h", "--help", "help") for a in rest):
+        print(command_usage(cmd))
+        return
+    recipe = [a.split("=", 1)[1] for a in rest if a.startswith("recipe=")]
+    kwargs = recipe_defaults(cmd, recipe[-1]) if recipe else {}
+    kwargs |= parse_kwargs(cmd, [a for a in rest if not a.startswith("recipe=")],
                            given=set(kwargs))
+    fn = resolve(cmd.name)
     try:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"pare {argv[0]}: error: {e}") from None
+        raise SystemExit(f"pare {cmd.name}: error: {e}") from None
     if result is not None:
         print(result)
 

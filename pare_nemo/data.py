@@ -20,6 +20,17 @@ class DataError(ValueError):
     """Data that cannot give what was asked; the message says why."""
 
 
+class NotEnoughData(DataError):
+    """The data holds fewer samples than asked for."""
+
+
+def check_seq_length(seq_length: int, hf_config) -> None:
+    """Refuse rows longer than the model's context (RoPE / YaRN were not made for them)."""
+    if seq_length > hf_config.max_position_embeddings:
+        raise ValueError(f"seq_length={seq_length} is longer than the model's context "
+                         f"(max_position_embeddings={hf_config.max_position_embeddings})")
+
+
 @dataclass
 class TokenData:
     tokens: torch.Tensor  # [N, S] int64
@@ -91,7 +102,8 @@ def _to_text(rec, tokenizer) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False)
     if rec.get("text") is not None:
         return rec["text"]
-    raise DataError(f"record has neither 'text' nor 'messages' (keys: {sorted(rec)})")
+    raise DataError(f"a record has neither 'text' nor 'messages' (its keys: {sorted(rec)}); "
+                    "records need one of them")
 
 
 def load_token_data(data: str, tokenizer, num_samples: int, seq_length: int, pack: bool = True,
@@ -104,7 +116,11 @@ def load_token_data(data: str, tokenizer, num_samples: int, seq_length: int, pac
     rows, masks, buf, docs = [], [], [], 0
     # enough documents for num_samples rows; streaming datasets are read only that far
     for rec in _records(data, split, None if pack else num_samples):
-        ids = tokenizer(_to_text(rec, tokenizer), add_special_tokens=False).input_ids
+        try:
+            text = _to_text(rec, tokenizer)
+        except DataError as e:
+            raise DataError(f"{data}, record {docs}: {e}") from None
+        ids = tokenizer(text, add_special_tokens=False).input_ids
         docs += 1
         if pack:
             buf.extend(ids + [eos])
@@ -123,6 +139,6 @@ def load_token_data(data: str, tokenizer, num_samples: int, seq_length: int, pac
     if docs == 0:
         raise DataError(f"{data} holds no documents")
     if len(rows) < num_samples:
-        raise DataError(f"{data} gives only {len(rows)} samples of {seq_length} tokens "
+        raise NotEnoughData(f"{data} gives only {len(rows)} samples of {seq_length} tokens "
                         f"({'packed' if pack else 'one per document'}); {num_samples} were asked for")
     return TokenData(torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool))

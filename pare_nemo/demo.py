@@ -15,10 +15,11 @@ import torch
 
 
 def _real_tokens(tokenizer, batch: int, seq: int) -> torch.Tensor:
+    """Held-out text: the end of pydoc_data.topics (training and importance read its beginning)."""
     from pare_nemo.tiny import pydoc_text
 
-    ids = tokenizer(pydoc_text()[:200_000]).input_ids
-    return torch.tensor(ids[: batch * seq]).reshape(batch, seq)
+    ids = tokenizer(pydoc_text()[-200_000:]).input_ids
+    return torch.tensor(ids[-batch * seq:]).reshape(batch, seq)
 
 
 def _lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -70,7 +71,7 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     step("build a tiny Olmo 3 (HF), train it briefly", build_and_train)
     step("import HF -> Megatron", lambda: import_hf(str(hf_dir), str(mg_dir)))
     tokenizer = AutoTokenizer.from_pretrained(mg_dir / "tokenizer")
-    tokens = _real_tokens(tokenizer, 2, seq_length)
+    tokens = _real_tokens(tokenizer, 16, seq_length)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -100,7 +101,7 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     with torch.no_grad():
         exp_logits = exported(tokens).logits
 
-    t = Table(title="Pare demo: tiny Olmo 3 (random weights), real text from pydoc_data.topics")
+    t = Table(title="Pare demo: a tiny Olmo 3 trained briefly on real text (pydoc_data.topics)")
     t.add_column("step")
     t.add_column("time", justify="right")
     for r in rows:

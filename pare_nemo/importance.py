@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pare_nemo.data import next_token_nll
+from pare_nemo.data import check_seq_length, next_token_nll
 from pare_nemo.parallel import run_forward
 
 SEQ_AGGREGATIONS = ("mean", "l2")
@@ -189,7 +189,7 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
 
     from conversion.olmo3 import check_parallel_sizes
     from pare_nemo.checkpoint import TOKENIZER_DIR, check_output_dir, load_model, read_model_config
-    from pare_nemo.data import DataError, load_token_data
+    from pare_nemo.data import NotEnoughData, load_token_data
     from pare_nemo.parallel import distributed
 
     # ---- everything checked before any work
@@ -200,15 +200,16 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
         raise ValueError("layer_loss_samples must be >= 0 and micro_batch_size >= 1")
     hf_config, _, _ = read_model_config(megatron_path)
     check_parallel_sizes(hf_config, tp, pp)
+    check_seq_length(seq_length, hf_config)
     scores_path = Path(scores_path)
     check_output_dir(scores_path, overwrite)
     tokenizer = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
     try:
         all_data = load_token_data(data, tokenizer, num_samples + layer_loss_samples, seq_length,
                                    pack=pack, split=split)
-    except DataError as e:
-        raise DataError(f"{e} (num_samples={num_samples} for the scores + layer_loss_samples="
-                        f"{layer_loss_samples} held out for layer_loss)") from None
+    except NotEnoughData as e:
+        raise NotEnoughData(f"{e} (num_samples={num_samples} for the scores + layer_loss_samples="
+                            f"{layer_loss_samples} held out for layer_loss)") from None
     calib, held_out = all_data[:num_samples], all_data[num_samples:]
 
     with distributed(tp, pp):
@@ -260,6 +261,10 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
                 "data": data,
                 "data_sha256": calib.sha256(),
                 "pack": pack,
+                "split": split,
+                # rows 0..num_samples calibrated the scores, the next layer_loss_samples scored
+                # layer_loss: held-out evaluation (pare search) starts after rows_used
+                "rows_used": num_samples + layer_loss_samples,
                 "aggregation": {"seq": seq, "batch": batch},
                 "layer_loss_samples": layer_loss_samples,
                 "base_loss": base_loss,
@@ -337,9 +342,12 @@ def write_report(scores: dict, scores_path: Path, keep_fraction: float = 0.7) ->
     ax.set_yscale("log")
     ax.set(title="FFN neuron scores per layer", xlabel="layer", ylabel="score")
     ax = axes[1, 1]
-    im = ax.imshow(scores["attention"].numpy().T, aspect="auto", cmap="viridis")
-    ax.set(title="attention head scores", xlabel="layer", ylabel="head")
-    fig.colorbar(im, ax=ax)
+    att = scores["attention"].float()
+    att = att / att.max(dim=1, keepdim=True).values.clamp_min(1e-30)  # per layer: scales differ a lot
+    im = ax.imshow(att.numpy().T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set(title="attention head scores (each layer divided by its largest)", xlabel="layer",
+           ylabel="head")
+    fig.colorbar(im, ax=ax, label="score / layer max")
     step = max(1, n // 16)
     for ax in (axes[0, 0], axes[0, 1]):
         ax.set_xticks(x[::step])

@@ -11,8 +11,9 @@ Targets use NeMo's PruningConfig names: ``target_ffn_hidden_size``, ``target_num
   weights are mean-pooled into the group's single KV head.
 - Hidden: embedding columns, every projection's hidden dimension, all norms and the output layer,
   by the ``attn_ln + ffn_ln`` ranking.
-- Depth: drop the lowest ``layer`` (BI) or ``layer_loss`` scores, or the contiguous block whose
-  scores sum lowest (``layer_metric=block``), or an explicit ``drop_layers`` list. Remaining layers
+- Depth: drop the lowest ``layer_loss`` (default; Minitron found LM loss better than BI) or
+  ``layer`` (BI) scores, or the contiguous block whose ``layer_loss`` sums lowest
+  (``layer_metric=block``), or an explicit ``drop_layers`` list. Remaining layers
   keep their attention type and RoPE; ``protect_full_attention=true`` never drops a full layer.
 
 Pruning works on one layer's full (TP=1 view) tensors at a time in HF layout, so the result does not
@@ -64,10 +65,22 @@ def validate_scores(scores: dict, hf_config) -> None:
         _check(got == shape, f"scores[{k!r}] has shape {got}, expected {shape} for this model")
 
 
+def depth_scores(scores: dict, layer_metric: str) -> torch.Tensor:
+    """The per-layer scores depth pruning ranks by (``block`` sums ``layer_loss``); a clear error
+    where importance did not compute them (``layer_loss`` is NaN after layer_loss_samples=0)."""
+    _check(layer_metric in LAYER_METRICS, f"layer_metric must be one of {LAYER_METRICS}")
+    key = "layer_loss" if layer_metric == "block" else layer_metric
+    _check(not scores[key].isnan().any(),
+           f"layer_metric={layer_metric} ranks layers by the scores' {key!r}, which are NaN "
+           "(importance ran with layer_loss_samples=0): pass layer_metric=layer, or rerun "
+           "importance with layer_loss_samples>0")
+    return scores[key]
+
+
 def plan(hf_config, scores: dict, tp: int = 1, target_ffn_hidden_size: int | None = None,
          target_num_attention_heads: int | None = None, target_num_query_groups: int | None = None,
          target_hidden_size: int | None = None, target_num_layers: int | None = None,
-         drop_layers: list[int] | None = None, layer_metric: str = "layer",
+         drop_layers: list[int] | None = None, layer_metric: str = "layer_loss",
          protect_full_attention: bool = False) -> Plan:
     """Validate targets and decide what to keep. Raises ValueError with the reason."""
     c = hf_config
@@ -105,14 +118,13 @@ def plan(hf_config, scores: dict, tp: int = 1, target_ffn_hidden_size: int | Non
                                                   and c.layer_types[i] == "full_attention")]
         _check(len(candidates) >= n_drop, f"only {len(candidates)} layers may be dropped "
                                           "(full-attention layers are protected)")
+        s = depth_scores(scores, layer_metric)
         if layer_metric == "block":  # the paper's contiguous block, lowest summed layer_loss
-            s = scores["layer_loss"]
             blocks = [list(range(a, a + n_drop)) for a in range(L - n_drop + 1)
                       if all(i in candidates for i in range(a, a + n_drop))]
             _check(blocks, "no contiguous block of droppable layers")
             dropped = min(blocks, key=lambda b: float(s[b].sum()))
         else:
-            s = scores[layer_metric]
             dropped = sorted(sorted(candidates, key=lambda i: float(s[i]))[:n_drop])
     else:
         dropped = []
@@ -311,7 +323,7 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
           target_ffn_hidden_size: int | None = None, target_num_attention_heads: int | None = None,
           target_num_query_groups: int | None = None, target_hidden_size: int | None = None,
           target_num_layers: int | None = None, drop_layers: list[int] | None = None,
-          layer_metric: str = "layer", protect_full_attention: bool = False, tp: int = 1,
+          layer_metric: str = "layer_loss", protect_full_attention: bool = False, tp: int = 1,
           pp: int = 1, overwrite: bool = False) -> str:
     """Prune a Megatron checkpoint to the target architecture using importance scores."""
     import shutil
@@ -332,6 +344,16 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
     from pare_nemo.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
 
+    targets = dict(target_ffn_hidden_size=target_ffn_hidden_size,
+                   target_num_attention_heads=target_num_attention_heads,
+                   target_num_query_groups=target_num_query_groups,
+                   target_hidden_size=target_hidden_size, target_num_layers=target_num_layers,
+                   drop_layers=drop_layers or None)
+    if all(v is None for v in targets.values()):
+        raise ValueError(f"no pruning target given: pass at least one of {', '.join(targets)} "
+                         "(or recipe=<name>); without one the output would be a copy")
+    inputs = [megatron_path, scores_path]
+    check_output_dir(save_path, overwrite, inputs)
     hf_config, padded, dtype = read_model_config(megatron_path)
     bridge.check_parallel_sizes(hf_config, tp, pp)
     scores = load_scores(scores_path)
@@ -340,9 +362,8 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
              target_num_query_groups, target_hidden_size, target_num_layers, drop_layers,
              layer_metric, protect_full_attention)
     bridge.check_parallel_sizes(p.config, tp, pp)
-    check_output_dir(save_path, overwrite)
 
-    with distributed(tp, pp), atomic_output_dir(save_path, overwrite) as tmp:
+    with distributed(tp, pp), atomic_output_dir(save_path, overwrite, inputs) as tmp:
         model, _ = load_model(megatron_path)
         cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
                                      perform_initialization=False)
@@ -352,6 +373,50 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
             apply_plan(model, new_model, p, hf_config)
         del model
         save_model(new_model, tmp, p.config, padded, dtype)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
             shutil.copytree(Path(megatron_path) / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            save_plan(p, tmp / PLAN_FILE, source=megatron_path, scores=scores_path,
+                      targets=targets | dict(layer_metric=layer_metric,
+                                             protect_full_attention=protect_full_attention))
+    if rank0:
+        print(describe(hf_config, p.config))
     return str(save_path)
+
+
+PLAN_FILE = "prune_plan.json"
+
+
+def save_plan(p: Plan, path, source: str, scores: str, targets: dict) -> None:
+    """What was kept, in the original model's indices, beside the pruned checkpoint: distillation
+    pairs student layer j with teacher layer ``layers[j]`` and compares hidden states on
+    ``hidden`` channels."""
+    import json
+
+    path.write_text(json.dumps({
+        "source": str(source), "scores": str(scores), "targets": targets,
+        "layers": p.layers, "hidden": p.hidden.tolist(), "ffn": p.ffn.tolist(),
+        "heads": p.heads.tolist(), "query_groups_pooled": p.groups,
+    }))
+
+
+def load_plan(checkpoint) -> dict | None:
+    """The plan ``pare prune`` saved beside a checkpoint (None for an unpruned one)."""
+    import json
+    from pathlib import Path
+
+    f = Path(checkpoint) / PLAN_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def describe(old, new) -> str:
+    """``layers 32 -> 24, hidden 4096 -> 3584, …; parameters 7.30B -> 4.51B``."""
+    def fmt(n):
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    fields = [("layers", "num_hidden_layers"), ("hidden", "hidden_size"),
+              ("ffn", "intermediate_size"), ("heads", "num_attention_heads"),
+              ("query groups", "num_key_value_heads")]
+    parts = [f"{label} {getattr(old, f)} -> {getattr(new, f)}" for label, f in fields]
+    return (f"pruned: {', '.join(parts)}; parameters {fmt(num_params(old))} -> "
+            f"{fmt(num_params(new))}")

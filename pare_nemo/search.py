@@ -1,20 +1,29 @@
-"""``pare search``: candidate architectures under a parameter budget, each pruned in memory with the
-same functions as ``pare prune`` and ranked by zero-shot LM loss on held-out tokens (the seeds'
-"zero-shot perplexity as a filter" step before any distillation).
+"""``pare search``: candidate architectures under a parameter budget, each pruned in memory exactly as
+``pare prune`` does and ranked by zero-shot LM loss on held-out tokens (the seeds' "zero-shot
+perplexity as a filter" step before any distillation).
+
+The original Megatron model is loaded once at the user's TP/PP; each candidate is built
+target-shaped at the same TP/PP, filled by ``prune.apply_plan`` (the function ``pare prune`` uses),
+scored with importance's ``lm_loss`` and freed. Held-out rows come after the rows importance used
+(calibration + layer_loss) when the data are the same. Each ranked row carries the exact
+``pare prune`` command that builds it.
 """
 
+import gc
 import itertools
 import json
 import math
+import shlex
 from pathlib import Path
 
 import torch
 
 from conversion import olmo3 as bridge
-from pare_nemo.data import next_token_nll
-from pare_nemo.prune import num_params, plan, prune_global, prune_layer, validate_scores
+from pare_nemo.prune import LAYER_METRICS, depth_scores, num_params, plan, validate_scores
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
+TARGETS = ("target_ffn_hidden_size", "target_num_attention_heads", "target_hidden_size",
+           "target_num_layers")
 
 
 def _fmt(n: float) -> str:
@@ -26,73 +35,61 @@ def _grid(full: int, multiple: int) -> list[int]:
     return sorted(v for v in vals if v <= full)
 
 
-def hf_state_dict(megatron_path: str) -> tuple[dict[str, torch.Tensor], object]:
-    """The whole model as HF-named tensors (loaded once at TP=1)."""
-    from pare_nemo.checkpoint import load_model
-    from pare_nemo.parallel import distributed
-
-    with distributed(1, 1):
-        model, hf_config = load_model(megatron_path)
-        params = model.state_dict()
-        out = {}
-        for mname, hnames, kind in bridge.expand(hf_config.num_hidden_layers):
-            out |= {h: t.clone() for h, t in zip(hnames, bridge.to_hf(kind, params[mname], hf_config))}
-    return out, hf_config
-
-
-def pruned_model(hf: dict, hf_config, p):
-    """An HF Olmo3ForCausalLM for plan ``p``, built in memory."""
-    from transformers import Olmo3ForCausalLM
-    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
-
-    sd = prune_global({k: hf[k] for k in ("model.embed_tokens.weight", "model.norm.weight",
-                                          "lm_head.weight")}, p)
-    for j, i in enumerate(p.layers):
-        pre = f"model.layers.{i}."
-        layer = {k.removeprefix(pre): v for k, v in hf.items() if k.startswith(pre)}
-        sd |= {f"model.layers.{j}.{k}": v for k, v in prune_layer(layer, p, j, hf_config).items()}
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):  # no random init of weights that are overwritten anyway
-        model = Olmo3ForCausalLM(p.config)
-    model.to_empty(device=dev).load_state_dict(sd)
-    model.model.rotary_emb = Olmo3RotaryEmbedding(p.config, device=dev)  # buffers, not weights
-    return model.eval()
+def first_held_out_row(meta: dict, data: str, seq_length: int, pack: bool, split: str) -> int:
+    """The first row of ``data`` that importance did not use: ``rows_used`` when the scores were
+    computed on the same rows (same data, split, seq_length and packing), else 0."""
+    same = (meta.get("data"), meta.get("seq_length"), meta.get("pack"), meta.get("split", split)) \
+        == (data, seq_length, pack, split)
+    if not same:
+        return 0
+    if "rows_used" not in meta:
+        raise ValueError("the scores do not record which rows importance used (older `pare "
+                         "importance`): rerun importance, or search on other data")
+    return meta["rows_used"]
 
 
-@torch.no_grad()
-def lm_loss(model, tokens: torch.Tensor, mask: torch.Tensor, batch: int = 4) -> float:
-    dev = next(model.parameters()).device
-    nll, n = 0.0, 0
-    for s in range(0, len(tokens), batch):
-        t, m = tokens[s:s + batch].to(dev), mask[s:s + batch].to(dev)
-        s_, n_ = next_token_nll(model(t).logits, t, m)
-        nll += float(s_)
-        n += int(n_)
-    return nll / n
+def prune_command(megatron_path: str, scores_path: str, save_path: str, targets: dict,
+                  layer_metric: str, protect_full_attention: bool) -> str:
+    """The ``pare prune`` command line that builds a candidate."""
+    args = {"megatron_path": megatron_path, "scores_path": scores_path, "save_path": save_path,
+            **targets, "layer_metric": layer_metric,
+            "protect_full_attention": str(protect_full_attention).lower()}
+    return "pare prune " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in args.items())
 
 
-def search(megatron_path: str, scores_path: str, budget: float, tolerance: float = 0.05,
-           data: str = "pydoc", num_samples: int = 64, seq_length: int = 4096,
-           ffn: list[int] | None = None, heads: list[int] | None = None,
+def search(megatron_path: str, scores_path: str, budget: float, data: str,
+           tolerance: float = 0.05, num_samples: int = 64, seq_length: int = 4096,
+           pack: bool = True, split: str = "train", micro_batch_size: int = 1, tp: int = 1,
+           pp: int = 1, ffn: list[int] | None = None, heads: list[int] | None = None,
            hidden: list[int] | None = None, layers: list[int] | None = None,
            layer_metric: str = "layer_loss", protect_full_attention: bool = False,
            out_path: str | None = None, top: int = 10) -> str:
-    """Rank candidate architectures within ``budget`` parameters (± ``tolerance``) by held-out loss."""
-    from rich.console import Console
-    from rich.table import Table
+    """Rank candidate architectures within ``budget`` parameters (± ``tolerance``) by held-out loss
+    on ``num_samples`` rows of ``data`` after those importance used, at ``tp`` x ``pp``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
-    from pare_nemo.checkpoint import TOKENIZER_DIR, check_output_dir, read_model_config
-    from pare_nemo.data import load_token_data
-    from pare_nemo.importance import load_scores
+    from pare_nemo.checkpoint import TOKENIZER_DIR, load_model, read_model_config
+    from pare_nemo.data import NotEnoughData, check_seq_length, load_token_data
+    from pare_nemo.importance import lm_loss, load_scores
+    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.parallel import device, distributed
+    from pare_nemo.prune import apply_plan
 
-    c, _, _ = read_model_config(megatron_path)
+    # ---- everything checked before any work
+    c, padded, dtype = read_model_config(megatron_path)
+    bridge.check_parallel_sizes(c, tp, pp)
+    check_seq_length(seq_length, c)
     scores = load_scores(scores_path)
     validate_scores(scores, c)
     if not 0 < budget or not 0 <= tolerance < 1:
         raise ValueError(f"budget={budget} must be > 0 and tolerance={tolerance} in [0, 1)")
+    if num_samples < 1 or micro_batch_size < 1:
+        raise ValueError("num_samples and micro_batch_size must be >= 1")
+    if layer_metric not in LAYER_METRICS:
+        raise ValueError(f"layer_metric must be one of {LAYER_METRICS}")
     out_path = Path(out_path or Path(scores_path).with_name("search.json"))
-    check_output_dir(out_path, overwrite=True)
     mult = lambda n: 128 if n >= 1024 else 8  # noqa: E731
     ng, nh = c.num_key_value_heads, c.num_attention_heads
     grid = {
@@ -101,46 +98,106 @@ def search(megatron_path: str, scores_path: str, budget: float, tolerance: float
         "hidden": hidden or _grid(c.hidden_size, mult(c.hidden_size)),
         "layers": layers or sorted({max(1, int(round(c.num_hidden_layers * f))) for f in FRACTIONS}),
     }
+    if any(n != c.num_hidden_layers for n in grid["layers"]):
+        depth_scores(scores, layer_metric)  # NaN layer_loss: say so now, not "no candidate"
     lo, hi = budget * (1 - tolerance), budget * (1 + tolerance)
-    candidates = []
-    for f, h, d, n in itertools.product(*grid.values()):
+    candidates, skipped = [], []
+    for values in itertools.product(*grid.values()):
+        targets = dict(zip(TARGETS, values))
         try:
-            p = plan(c, scores, target_ffn_hidden_size=f, target_num_attention_heads=h,
-                     target_hidden_size=d, target_num_layers=n, layer_metric=layer_metric,
-                     protect_full_attention=protect_full_attention)
-        except ValueError:
+            p = plan(c, scores, layer_metric=layer_metric,
+                     protect_full_attention=protect_full_attention, **targets)
+        except ValueError as e:
+            skipped.append(targets | {"reason": str(e)})
             continue
         params = num_params(p.config)
-        if lo <= params <= hi:
-            candidates.append(((f, h, d, n), params, p))
+        if not lo <= params <= hi:
+            continue
+        try:
+            bridge.check_parallel_sizes(p.config, tp, pp)
+        except ValueError as e:
+            skipped.append(targets | {"params": params, "reason": str(e)})
+            continue
+        candidates.append((targets, params, p))
     if not candidates:
-        raise ValueError(f"no candidate in the grid {grid} has {lo:.4g}..{hi:.4g} parameters")
+        why = sorted({s["reason"] for s in skipped})
+        raise ValueError(f"no candidate in the grid {grid} has {lo:.4g}..{hi:.4g} parameters"
+                         + (f" (skipped: {'; '.join(why)})" if why else ""))
+    start = first_held_out_row(scores["metadata"], data, seq_length, pack, split)
+    rows_range = [start, start + num_samples]  # held-out rows [start, end) of data
 
-    tok = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
-    held = load_token_data(data, tok, num_samples, seq_length)
-    hf, _ = hf_state_dict(megatron_path)
-    rows = []
-    for (f, h, d, n), params, p in candidates:
-        loss = lm_loss(pruned_model(hf, c, p), held.tokens, held.mask)
-        rows.append({"target_ffn_hidden_size": f, "target_num_attention_heads": h,
-                     "target_hidden_size": d, "target_num_layers": n, "params": params,
-                     "loss": loss, "ppl": math.exp(loss), "layers_kept": p.layers})
-    rows.sort(key=lambda r: r["loss"])
-    result = {"budget": budget, "tolerance": tolerance, "grid": grid, "data": data,
-              "num_samples": num_samples, "seq_length": seq_length, "layer_metric": layer_metric,
-              "protect_full_attention": protect_full_attention, "original_params": num_params(c),
-              "candidates": rows}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    with distributed(tp, pp):
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if num_samples % (dp * micro_batch_size):
+            raise ValueError(f"num_samples={num_samples} is not a multiple of data-parallel size "
+                             f"{dp} x micro_batch_size {micro_batch_size}")
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        tok = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
+        try:
+            held = load_token_data(data, tok, start + num_samples, seq_length, pack=pack,
+                                   split=split)[start:]
+        except NotEnoughData as e:
+            raise NotEnoughData(f"{e} (rows {start}..{start + num_samples}: the first {start} rows "
+                            "were used by importance)") from None
+        mine = held[dp_rank::dp]
+        model, _ = load_model(megatron_path)
+        model.eval()
+        rows = []
+        for targets, params, p in candidates:
+            cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
+                                         perform_initialization=False)
+            new_model = build_olmo3_model(cfg, padded, pre_process=ps.is_pipeline_first_stage(),
+                                          post_process=ps.is_pipeline_last_stage(),
+                                          parallel_output=False).to(device())
+            with torch.no_grad():
+                apply_plan(model, new_model, p, c)
+            loss = lm_loss(new_model, mine, micro_batch_size, c.vocab_size)
+            del new_model  # one candidate in memory at a time
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            f, h, d, n = targets.values()
+            save = f"{str(megatron_path).rstrip('/')}-ffn{f}-heads{h}-hidden{d}-layers{n}"
+            rows.append(targets | {
+                "params": params, "loss": loss, "ppl": math.exp(loss), "layers_kept": p.layers,
+                "prune_command": prune_command(str(megatron_path), str(scores_path), save, targets,
+                                               layer_metric, protect_full_attention)})
+        del model
+        rows.sort(key=lambda r: r["loss"])
+        if rank0:
+            result = {"budget": budget, "tolerance": tolerance, "grid": grid, "data": data,
+                      "split": split, "pack": pack, "seq_length": seq_length,
+                      "num_samples": num_samples, "held_out_rows": rows_range,
+                      "held_out_sha256": held.sha256(),
+                      "importance_rows_used": scores["metadata"].get("rows_used"),
+                      "layer_metric": layer_metric,
+                      "protect_full_attention": protect_full_attention,
+                      "parallel": {"tp": tp, "pp": pp, "dp": dp},
+                      "original_params": num_params(c), "candidates": rows, "skipped": skipped}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(result, indent=2))
+            _print(rows[:top], skipped, budget, tolerance, num_params(c), data, rows_range,
+                   seq_length, out_path)
+        if dist.is_initialized():
+            dist.barrier()
+    return str(out_path)
 
-    t = Table(title=f"{len(rows)} candidates within {_fmt(budget)} ± {tolerance:.0%} "
-                    f"(from {_fmt(num_params(c))}), by zero-shot loss on {num_samples} x "
-                    f"{seq_length} held-out tokens")
+
+def _print(rows, skipped, budget, tolerance, original, data, rows_range, seq_length, out_path):
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"candidates within {_fmt(budget)} ± {tolerance:.0%} (from {_fmt(original)}), "
+                    f"by zero-shot loss on rows {rows_range[0]}..{rows_range[1]} of {data} "
+                    f"({seq_length} tokens each)")
     for col in ("rank", "ffn", "heads", "hidden", "layers", "params", "loss", "ppl"):
         t.add_column(col, justify="right")
-    for i, r in enumerate(rows[:top]):
-        t.add_row(str(i + 1), str(r["target_ffn_hidden_size"]), str(r["target_num_attention_heads"]),
-                  str(r["target_hidden_size"]), str(r["target_num_layers"]),
-                  _fmt(r["params"]), f"{r['loss']:.4f}", f"{r['ppl']:.2f}")
+    for i, r in enumerate(rows):
+        t.add_row(str(i + 1), *(str(r[k]) for k in TARGETS), _fmt(r["params"]),
+                  f"{r['loss']:.4f}", f"{r['ppl']:.2f}")
     Console().print(t)
-    return str(out_path)
+    for i, r in enumerate(rows):  # plain print: exact, copyable lines
+        print(f"{i + 1}: {r['prune_command']}")
+    for reason in sorted({s["reason"] for s in skipped}):
+        print(f"skipped {sum(s['reason'] == reason for s in skipped)} grid point(s): {reason}")
+    print(f"all candidates: {out_path}")

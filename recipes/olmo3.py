@@ -54,7 +54,7 @@ class PruneRecipe:
     target_num_query_groups: int | None = None
     target_hidden_size: int | None = None
     target_num_layers: int | None = None
-    layer_metric: str = "layer"
+    layer_metric: str = "layer_loss"
     protect_full_attention: bool = False
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conversion.convert import export_hf, import_hf
+from conversion.convert import CheckpointError, export_hf, import_hf
 from tests.dist_workers import logits_worker, spawn
 
 
@@ -102,8 +102,17 @@ def test_hub_ids_go_through_snapshot_download(tmp_path, hf_gqa, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert resolve_hf_path(str(hf_gqa)) == hf_gqa and not calls
-    assert resolve_hf_path("./relative/dir") == __import__("pathlib").Path("relative/dir")
+    with pytest.raises(CheckpointError, match="./relative/dir does not exist"):
+        resolve_hf_path("./relative/dir")  # looks like a path: never sent to the Hub
     import_hf("allenai/Olmo-3-7B-Instruct@main", str(tmp_path / "mg"))
     assert calls[0][:2] == ("allenai/Olmo-3-7B-Instruct", "main")
     assert "*.safetensors" in calls[0][2]
     assert (tmp_path / "mg" / "iter_0000000").is_dir()
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="allenai/nope is not a local directory, and "
+                                              "downloading it from the Hugging Face Hub failed"):
+        resolve_hf_path("allenai/nope")

@@ -164,15 +164,25 @@ def test_bad_input(tmp_path, megatron_gqa):
                    pack=False, layer_loss_samples=0)
     with pytest.raises(DataError, match="gives only .* samples .* 100064 were asked.*num_samples=100000.*layer_loss_samples=64"):
         importance(ck, "pydoc", str(tmp_path / "a.pt"), num_samples=100000, seq_length=512)
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"text": "fine"}\n{"prompt": "no text here"}\n')
+    with pytest.raises(DataError, match=r"record 1: a record has neither 'text' nor 'messages' "
+                                        r"\(its keys: \[.*'prompt'.*\]\); records need one of them$"):
+        importance(ck, str(nokey), str(tmp_path / "a.pt"), num_samples=2, seq_length=16)
+    with pytest.raises(ValueError, match=r"seq_length=4096 is longer than the model's context "
+                                         r"\(max_position_embeddings=1024\)"):
+        importance(ck, "pydoc", str(tmp_path / "a.pt"), seq_length=4096)
+    with pytest.raises(FileNotFoundError, match="Megatron checkpoint .*nope does not exist"):
+        importance(str(tmp_path / "nope"), "pydoc", str(tmp_path / "a.pt"))
     with pytest.raises(ValueError, match="aggregation"):
         importance(ck, "pydoc", str(tmp_path / "a.pt"), seq="max")
     with pytest.raises(FileNotFoundError, match="not a Pare checkpoint"):
         importance(str(tmp_path), "pydoc", str(tmp_path / "a.pt"))
     (tmp_path / "a.pt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=true"):
-        importance(ck, "pydoc", str(tmp_path / "a.pt"))
+        importance(ck, "pydoc", str(tmp_path / "a.pt"), seq_length=64)
     with pytest.raises(ValueError, match="tp=3 does not divide"):
-        importance(ck, "pydoc", str(tmp_path / "b.pt"), tp=3)
+        importance(ck, "pydoc", str(tmp_path / "b.pt"), tp=3, seq_length=64)
     assert not (tmp_path / "b.pt").exists()
 
 
