@@ -132,7 +132,15 @@ class Olmo3QKNorm(MegatronModule):
 
     Input is megatron's per-rank ``[s, b, heads_local, head_dim]``. Under tensor parallelism each rank
     holds some heads, so the sum of squares is all-reduced across the TP group (with autograd, so
-    gradients are exact too). The weight is sharded like the heads.
+    gradients are exact too).
+
+    The weight is full-size (all heads) and replicated on every TP rank; each rank multiplies by its
+    heads' slice (``narrow``, so its gradient lands in that slice, zeros elsewhere). megatron's
+    ``finalize_model_grads`` sums every ``q_layernorm``/``k_layernorm`` gradient over TP when
+    ``config.qk_layernorm`` (which SelfAttention needs to build these norms): the sum of the ranks'
+    partial gradients is the exact full gradient, the same on every rank, so the replicas stay in
+    sync. (A TP-sharded weight would get different heads' gradients added there.) A training loop
+    that skips ``finalize_model_grads`` must do that TP sum itself.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, kind="q"):
@@ -143,13 +151,10 @@ class Olmo3QKNorm(MegatronModule):
         tp = ps.get_tensor_model_parallel_world_size()
         heads = config.num_attention_heads if kind == "q" else config.num_query_groups
         self.full_size = heads * config.kv_channels
+        self.local_size = self.full_size // tp
+        self.offset = ps.get_tensor_model_parallel_rank() * self.local_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(
-            torch.ones(self.full_size // tp, dtype=config.params_dtype)
-        )
-        setattr(self.weight, "tensor_model_parallel", True)
-        setattr(self.weight, "partition_dim", 0)
-        setattr(self.weight, "partition_stride", 1)
+        self.weight = torch.nn.Parameter(torch.ones(self.full_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, shape = x.dtype, x.shape
@@ -158,14 +163,18 @@ class Olmo3QKNorm(MegatronModule):
         if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.tp_group) > 1:
             sumsq = torch.distributed.nn.functional.all_reduce(sumsq, group=self.tp_group)
         x = x * torch.rsqrt(sumsq / self.full_size + self.eps)
-        return (self.weight * x).to(dtype).reshape(shape)
+        weight = self.weight.narrow(0, self.offset, self.local_size)
+        return (weight * x).to(dtype).reshape(shape)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The full weight, replicated over TP and DP: replica id (0, tp rank, dp rank), so only
+        TP rank 0 of DP rank 0 writes it; loads from checkpoints saved TP-sharded too (same
+        global tensor)."""
         from megatron.core import parallel_state as ps
 
         sd = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            sd, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
+            sd, prefix, {}, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         )
 
@@ -250,7 +259,29 @@ class Olmo3LayerSubmodules:
 
 
 class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
-    """``h = x + norm(attn(x)); out = h + norm(mlp(h))``. Applies its own layer type's RoPE."""
+    """``h = x + norm(attn(x)); out = h + norm(mlp(h))``. Applies its own layer type's RoPE.
+
+    What megatron's TransformerBlock expects of a layer that is not its ``TransformerLayer``:
+
+    - forward takes the TransformerLayer keyword arguments (``hidden_states``, ``attention_mask``,
+      ``context``, ``rotary_pos_emb``, ...) and returns ``(hidden_states, context)``.
+    - Full activation recompute (``recompute_granularity="full"``): megatron's
+      ``recompute.checkpointed_forward`` calls non-TransformerLayer layers without ``context``
+      and keeps the first item of a returned tuple, i.e. the hidden states; the layer is rerun
+      in backward, under the same RNG state, by ``tensor_parallel.checkpoint``. Both call
+      conventions are covered by tests/test_training.py (gradients equal transformers').
+    - Selective recompute (``recompute_granularity="selective"``): ``"core_attn"`` is done by
+      megatron's SelfAttention, ``"mlp"`` by this layer (as TransformerLayer does); the other
+      modules do not exist in this layer and are refused.
+    - Sequence parallelism: hidden states arrive as ``[s/tp, b, h]``; the QKV / fc1 linears
+      all-gather them and the proj / fc2 linears reduce-scatter, so RoPE is built for the full
+      ``s`` (the length of GPTModel's ``rotary_pos_emb``). The norm weights are marked
+      ``sequence_parallel`` so megatron's finalize_model_grads all-reduces their gradients.
+      (finalize_model_grads also sums the QK norms' gradients over TP: Olmo3QKNorm's replicated
+      weights get partial gradients per rank, so that sum is exact.)
+    """
+
+    RECOMPUTE_MODULES = {"core_attn", "mlp"}
 
     def __init__(self, config: Olmo3TransformerConfig, submodules: Olmo3LayerSubmodules,
                  layer_number: int = 1, pg_collection=None, vp_stage=None, **kwargs):
@@ -275,26 +306,51 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
         self.post_feedforward_layernorm = submodules.post_feedforward_layernorm(
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
+        # RoPE frequencies stay fp32 whatever the module's dtype: a plain attribute, not a buffer,
+        # so Float16Module / .bfloat16() / .to(dtype) leave it alone (as megatron's
+        # RotaryEmbedding does). In bf16 the angle at position 4096 would be off by up to 1.7 rad.
         inv_freq, _ = rope_for_layer_type(config, self.layer_type)
-        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+        self.inv_freq = inv_freq.to(torch.float32).clone()
+        self.recompute_mlp = False
+        if config.recompute_granularity == "selective":
+            unsupported = set(config.recompute_modules) - self.RECOMPUTE_MODULES
+            if unsupported:
+                raise ValueError(f"recompute_modules {sorted(unsupported)} do not apply to Olmo 3's"
+                                 f" layer; supported: {sorted(self.RECOMPUTE_MODULES)}")
+            self.recompute_mlp = "mlp" in config.recompute_modules
         self.skip = False  # identity when True: importance's layer_loss skips one layer at a time
 
     def rotary_freqs(self, seq_len: int, device) -> torch.Tensor:
+        """RoPE angles [s, 1, 1, head_dim], always computed in fp32."""
+        if self.inv_freq.device != torch.device(device):
+            self.inv_freq = self.inv_freq.to(device)  # once: the layer stays on its device
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))
+        freqs = torch.outer(pos, self.inv_freq)
         return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
-                **kwargs):
+                packed_seq_params=None, inference_context=None, **kwargs):
+        if packed_seq_params is not None or inference_context is not None:
+            raise NotImplementedError("Olmo3TransformerLayer supports neither packed sequences nor "
+                                      "megatron's inference context (KV cache)")
         if self.skip:
             return hidden_states, context
         # GPTModel's rotary embedding only tells us the full (pre-SP-split) sequence length;
         # each layer applies the RoPE of its own type.
-        seq_len = rotary_pos_emb.shape[0] if rotary_pos_emb is not None else hidden_states.shape[0]
+        if rotary_pos_emb is not None:
+            seq_len = rotary_pos_emb.shape[0]
+        else:
+            seq_len = hidden_states.shape[0] * (
+                self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
         freqs = self.rotary_freqs(seq_len, hidden_states.device)
         attn, _ = self.self_attention(hidden_states, attention_mask, rotary_pos_emb=(freqs, freqs))
         hidden_states = hidden_states + self.post_attention_layernorm(attn)
-        mlp, _ = self.mlp(hidden_states)
+        if self.recompute_mlp and self.training:
+            from megatron.core import tensor_parallel
+
+            mlp, _ = tensor_parallel.checkpoint(self.mlp, False, hidden_states)
+        else:
+            mlp, _ = self.mlp(hidden_states)
         out = hidden_states + self.post_feedforward_layernorm(mlp)
         out = make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
         return out, context
