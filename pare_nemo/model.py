@@ -180,48 +180,137 @@ class Olmo3QKNorm(MegatronModule):
 
 
 # ---------------------------------------------------------------- core attention
+#
+# Document masking. A packed row holds several documents; ``attention_mask`` (megatron's argument,
+# passed by GPTModel -> TransformerBlock -> layer -> SelfAttention -> core attention unchanged)
+# may be an integer tensor of *document ids* [b, s]: a maximal run of equal ids in a row is one
+# document (``document_ids`` makes them from EOS tokens). Then every token attends only to earlier
+# tokens of its own document (and within the sliding window on sliding layers), and the layer
+# restarts RoPE positions at 0 for each document, so a packed document gets the logits it gets
+# alone. ``attention_mask=None``: the whole row is one sequence. (megatron's [b, 1, s, s] boolean
+# masks are refused.)
+
+
+def document_ids(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Document ids [b, s] for packed rows of ``tokens`` [b, s]: a new document starts after each
+    EOS (the EOS belongs to the document it ends), as ``load_token_data(pack=True)`` packs them."""
+    eos = (tokens == eos_token_id).long()
+    return eos.cumsum(-1) - eos
+
+
+def _segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment index, position in segment), both [b, s], of each token; a segment is a maximal
+    run of equal ids, so ids need not be sorted or contiguous numbers."""
+    if doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+        raise ValueError("attention_mask must be integer document ids [b, s] (or None); got "
+                         f"{tuple(doc_ids.shape)} {doc_ids.dtype}")
+    b, s = doc_ids.shape
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.arange(s, device=doc_ids.device).expand(b, s)
+    start = torch.where(new, idx, 0).cummax(dim=-1).values
+    return new.long().cumsum(-1), idx - start
+
+
+def _mask_mod(window: int | None, seg: torch.Tensor | None):
+    """FlexAttention mask: causal, and within ``window`` tokens, and the same document."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if seg is not None:
+            keep = keep & (seg[b, q_idx] == seg[b, kv_idx])
+        return keep
+
+    return mask_mod
 
 
 @lru_cache(maxsize=16)
 def _sliding_block_mask(window: int, q_len: int, kv_len: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return create_block_mask(_mask_mod(window, None), None, None, q_len, kv_len, device=device)
 
-    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+@lru_cache(maxsize=1)
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+_document_masks: dict = {}  # window -> (doc_ids, its version, BlockMask): one per forward
+
+
+def _document_block_mask(window: int | None, doc_ids: torch.Tensor, q_len: int, kv_len: int):
+    """The block mask for these document ids, made once per forward and shared by the layers of
+    the same window (they get the same ``attention_mask`` object). On GPU ``create_block_mask`` is
+    compiled, so no [b, s, s] mask is materialized; on CPU (tests) it is plain."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    hit = _document_masks.get(window)
+    if hit is not None and hit[0] is doc_ids and hit[1] == doc_ids._version:
+        return hit[2]
+    seg, _ = _segments(doc_ids)
+    make = _compiled_create_block_mask() if doc_ids.is_cuda else create_block_mask
+    mask = make(_mask_mod(window, seg), doc_ids.shape[0], None, q_len, kv_len,
+                device=doc_ids.device)
+    _document_masks[window] = (doc_ids, doc_ids._version, mask)
+    return mask
 
 
 @lru_cache(maxsize=1)
 def _compiled_flex():
+    """FlexAttention compiled with torch's automatic dynamic shapes (``dynamic=None``): the first
+    sequence length gets a static kernel (training's fixed length: the fastest), the first other
+    length recompiles once with a dynamic length, and later lengths reuse that kernel.
+    (``dynamic=False`` recompiled for every length until torch's recompile limit.)"""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=None)
 
 
-def causal_attention(q, k, v, window: int | None, scale: float, use_flex: bool | None = None):
+def causal_attention(q, k, v, window: int | None, scale: float, use_flex: bool | None = None,
+                     doc_ids: torch.Tensor | None = None):
     """Causal attention over [b, heads, s, d] (k/v may have fewer heads: GQA), optionally limited
-    to a sliding window of ``window`` tokens (self included), without S x S scores on GPU.
+    to a sliding window of ``window`` tokens (self included) and to each token's own document
+    (``doc_ids`` [b, s], see ``document_ids``), without S x S scores on GPU.
 
-    Full: ``scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN kernels on GPU).
-    Sliding: FlexAttention with a sliding-window block mask (compiled) on GPU; on CPU (tests, demo)
-    SDPA with an explicit boolean mask, the same function.
+    Full, one document: ``scaled_dot_product_attention(is_causal=True)`` (flash / cuDNN on GPU).
+    Sliding or documents: FlexAttention with a block mask (compiled) on GPU; on CPU (tests, demo)
+    SDPA with the equivalent boolean mask, the same function.
     """
     gqa = k.shape[1] != q.shape[1]
     sq, sk = q.shape[2], k.shape[2]
-    if window is None or window >= sk:
+    if window is not None and window >= sk:
+        window = None
+    if window is None and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], sk):
+        raise ValueError(f"document ids {tuple(doc_ids.shape)} do not match [b, s] = "
+                         f"{(q.shape[0], sk)}")
     if use_flex if use_flex is not None else q.is_cuda:
-        mask = _sliding_block_mask(window, sq, sk, str(q.device))
+        if doc_ids is None:
+            mask = _sliding_block_mask(window, sq, sk, str(q.device))
+        else:
+            mask = _document_block_mask(window, doc_ids, sq, sk)
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
     i = torch.arange(sq, device=q.device)[:, None]
     j = torch.arange(sk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i >= j) & (i - j < window),
-                                          scale=scale, enable_gqa=gqa)
+    keep = i >= j
+    if window is not None:
+        keep = keep & (i - j < window)
+    if doc_ids is not None:
+        seg, _ = _segments(doc_ids)
+        keep = keep & (seg[:, -sq:, None] == seg[:, None, :])[:, None]  # [b, 1, sq, sk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
 
 
 class Olmo3CoreAttention(MegatronModule):
     """megatron's core-attention slot, filled with :func:`causal_attention` for this layer's type.
+
+    ``attention_mask``: None (one sequence per row) or integer document ids [b, s] (packed rows;
+    see "Document masking" above).
 
     YaRN's attention factor multiplies both cos and sin in transformers, so it scales q.k by its
     square: that is folded into the softmax scale.
@@ -243,7 +332,7 @@ class Olmo3CoreAttention(MegatronModule):
             raise NotImplementedError("packed sequences are not supported by Olmo3CoreAttention")
         sq, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        out = causal_attention(q, k, v, self.window, self.scale)
+        out = causal_attention(q, k, v, self.window, self.scale, doc_ids=attention_mask)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
 
@@ -265,6 +354,9 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
 
     - forward takes the TransformerLayer keyword arguments (``hidden_states``, ``attention_mask``,
       ``context``, ``rotary_pos_emb``, ...) and returns ``(hidden_states, context)``.
+    - ``attention_mask``: None, or document ids [b, s] for packed rows (see "Document masking"
+      above): RoPE positions restart at 0 per document, and the core attention masks across
+      documents. It reaches the layer unchanged from ``GPTModel.forward(attention_mask=...)``.
     - Full activation recompute (``recompute_granularity="full"``): megatron's
       ``recompute.checkpointed_forward`` calls non-TransformerLayer layers without ``context``
       and keeps the first item of a returned tuple, i.e. the hidden states; the layer is rerun
@@ -320,13 +412,17 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
             self.recompute_mlp = "mlp" in config.recompute_modules
         self.skip = False  # identity when True: importance's layer_loss skips one layer at a time
 
-    def rotary_freqs(self, seq_len: int, device) -> torch.Tensor:
-        """RoPE angles [s, 1, 1, head_dim], always computed in fp32."""
+    def rotary_freqs(self, seq_len: int, device, positions: torch.Tensor | None = None):
+        """RoPE angles, always computed in fp32: [s, 1, 1, head_dim] for positions 0..s-1, or
+        [s, b, 1, head_dim] for per-token ``positions`` [b, s]."""
         if self.inv_freq.device != torch.device(device):
             self.inv_freq = self.inv_freq.to(device)  # once: the layer stays on its device
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)
-        return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
+        if positions is None:
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq)
+            return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]  # [s, 1, 1, d]
+        freqs = positions.t().to(torch.float32)[..., None] * self.inv_freq  # [s, b, d/2]
+        return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [s, b, 1, d]
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
                 packed_seq_params=None, inference_context=None, **kwargs):
@@ -342,7 +438,16 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
         else:
             seq_len = hidden_states.shape[0] * (
                 self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
-        freqs = self.rotary_freqs(seq_len, hidden_states.device)
+        positions = None
+        if attention_mask is not None:  # document ids [b, s]: RoPE restarts at 0 per document
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != seq_len:
+                raise ValueError(f"attention_mask must be document ids [b, {seq_len}] (or None); "
+                                 f"got {tuple(attention_mask.shape)}")
+            if self.config.apply_rope_fusion:
+                raise NotImplementedError("document ids need apply_rope_fusion=False (per-token "
+                                          "RoPE positions)")
+            _, positions = _segments(attention_mask)
+        freqs = self.rotary_freqs(seq_len, hidden_states.device, positions)
         attn, _ = self.self_attention(hidden_states, attention_mask, rotary_pos_emb=(freqs, freqs))
         hidden_states = hidden_states + self.post_attention_layernorm(attn)
         if self.recompute_mlp and self.training:
