@@ -48,12 +48,17 @@ class TokenData:
         return h.hexdigest()
 
 
-def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
-    """(sum, count) of next-token NLL over positions where both tokens are real. logits: [b, s, V]
-    (V = the real vocabulary), tokens and mask: [b, s]. The one loss definition of every stage."""
-    keep = (mask[:, 1:] & mask[:, :-1]).flatten()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                            tokens[:, 1:].flatten(), reduction="none")
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                   vocab_size: int, tp_group=None):
+    """(sum, count) of next-token NLL over positions where both tokens are real: the one loss
+    definition of every stage. logits: [b, s, V_local], vocab-parallel over ``tp_group`` (megatron's
+    output with ``parallel_output=True``) or the whole (padded) vocabulary when it is None; columns
+    from ``vocab_size`` on are padding and excluded. tokens and mask: [b, s]. Computed by
+    :func:`pare_nemo.losses.cross_entropy` (no vocabulary gather, fp32, chunked)."""
+    from pare_nemo.losses import cross_entropy
+
+    keep = mask[:, 1:] & mask[:, :-1]
+    nll = cross_entropy(logits[:, :-1], tokens[:, 1:], vocab_size, tp_group=tp_group)
     return (nll * keep).sum(), keep.sum()
 
 

@@ -25,7 +25,8 @@ def _real_tokens(tokenizer, batch: int, seq: int) -> torch.Tensor:
 def _lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     from pare_nemo.data import next_token_nll
 
-    s, n = next_token_nll(logits, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    s, n = next_token_nll(logits, tokens, torch.ones_like(tokens, dtype=torch.bool),
+                          logits.shape[-1])
     return (s / n).item()
 
 

@@ -154,9 +154,11 @@ def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
     """Mean next-token NLL over real tokens (both positions real), reduced over DP, on all ranks."""
     from megatron.core import parallel_state as ps
 
+    tp_group = ps.get_tensor_model_parallel_group() if dist.is_initialized() else None
+
     def step(tokens, mask):
-        def loss_func(logits):
-            s, n = next_token_nll(logits[..., :vocab_size], tokens, mask)
+        def loss_func(logits):  # vocab-parallel logits (parallel_output=True)
+            s, n = next_token_nll(logits, tokens, mask, vocab_size, tp_group)
             return s, {"nll": s.detach().double(), "n": n.double()}
         return loss_func
 
@@ -217,7 +219,7 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
         if num_samples < dp * micro_batch_size:
             raise ValueError(f"num_samples={num_samples} < data-parallel size {dp} x "
                              f"micro_batch_size {micro_batch_size}")
-        model, _ = load_model(megatron_path, parallel_output=False)
+        model, _ = load_model(megatron_path, parallel_output=True)
         model.eval()
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         mine = calib[dp_rank::dp]
@@ -228,8 +230,11 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
         with tqdm(total=len(mine) * dp, desc="importance", unit="sample", disable=not rank0) as bar:
             bar.update(0)
             progress = _Scaled(bar, dp)
-            run_forward(model, mine.tokens, mine.mask, micro_batch_size,
-                        lambda t, m: hooks.set_mask(m), progress)
+            def step(tokens, mask):  # the hooks record; the logits are dropped at once
+                hooks.set_mask(mask)
+                return lambda logits: (logits.new_zeros(()), {})
+
+            run_forward(model, mine.tokens, mine.mask, micro_batch_size, step, progress)
         hooks.remove()
         heads_local = hf_config.num_attention_heads // tp
         scores = hooks.finish(heads_local)

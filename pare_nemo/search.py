@@ -148,7 +148,7 @@ def search(megatron_path: str, scores_path: str, budget: float, data: str,
                                          perform_initialization=False)
             new_model = build_olmo3_model(cfg, padded, pre_process=ps.is_pipeline_first_stage(),
                                           post_process=ps.is_pipeline_last_stage(),
-                                          parallel_output=False).to(device())
+                                          parallel_output=True).to(device())
             with torch.no_grad():
                 apply_plan(model, new_model, p, c)
             loss = lm_loss(new_model, mine, micro_batch_size, c.vocab_size)

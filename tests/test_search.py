@@ -78,7 +78,8 @@ def test_command_reproduces_the_loss_through_transformers(tmp_path, trained, sco
     assert held.sha256() == result["held_out_sha256"]
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
-        s, n = next_token_nll(model(held.tokens).logits, held.tokens, held.mask)
+        s, n = next_token_nll(model(held.tokens).logits, held.tokens, held.mask,
+                              model.config.vocab_size)
     assert abs((s / n).item() - best["loss"]) <= 1e-4, ((s / n).item(), best["loss"])
 
 

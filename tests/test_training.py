@@ -41,7 +41,7 @@ def hf_grads(hf_gqa, batch):
 
     tokens, mask = batch
     hf = Olmo3ForCausalLM.from_pretrained(hf_gqa, dtype=torch.float32)
-    nll, _ = next_token_nll(hf(tokens).logits, tokens, mask)
+    nll, _ = next_token_nll(hf(tokens).logits, tokens, mask, hf.config.vocab_size)
     nll.backward()
     return hf.config, {n: p.grad for n, p in hf.named_parameters()}
 

@@ -56,7 +56,7 @@ def megatron_grads(ckpt, tokens, mask, counts=None, megatron_finalize=False,
         logits = model(input_ids=tok, position_ids=positions, attention_mask=None)
 
         def loss_func(logits):
-            nll, count = next_token_nll(logits[..., :vocab], tok, msk)
+            nll, count = next_token_nll(logits, tok, msk, vocab)
             # 3 values + calculate_per_token_loss: the schedule backprops the sum as it is
             return nll, count.int(), {"nll": nll.detach()}
 
