@@ -354,7 +354,7 @@ def write_report(scores: dict, scores_path: Path, keep_fraction: float = 0.7) ->
            ylabel="head")
     fig.colorbar(im, ax=ax, label="score / layer max")
     step = max(1, n // 16)
-    for ax in (axes[0, 0], axes[0, 1]):
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 1]):
         ax.set_xticks(x[::step])
     axes[1, 0].set_xticks(x[::step], [str(i) for i in x[::step]])
     fig.tight_layout()
