@@ -21,8 +21,8 @@ def megatron_grads(ckpt, tokens, mask, counts=None, megatron_finalize=False,
     (replicated full weights of which each rank uses its heads' slice, so each rank's gradient is
     that slice's part, zeros elsewhere) are summed over the TP group. ``megatron_finalize=True``
     runs megatron's own step for that instead (``_allreduce_non_tensor_model_parallel_grads``,
-    called by ``finalize_model_grads``; megatron's DDP, which ``finalize_model_grads`` needs, does
-    not run on CPU: it asks for CUDA streams), and checks that the QK norms' gradients come out
+    called by ``finalize_model_grads``, without DDP: tests/test_train.py runs the whole DDP +
+    distributed-optimizer loop), and checks that the QK norms' gradients come out
     identical on every TP rank (the replicas stay in sync).
     ``counts`` (a dict), if given, receives how many times each layer, core attention and MLP ran
     forward (recompute runs them again in backward)."""
