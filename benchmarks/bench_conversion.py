@@ -4,13 +4,17 @@ Reports import time relative to copying the same safetensors bytes (goal <= 3x) 
 import process relative to the checkpoint size (goal <= 1.3x), plus the same for export.
 
     uv run python benchmarks/bench_conversion.py [--workdir /tmp/pare_bench] [--layers 8]
+
+PARE_BENCH_SMOKE=1: a 1-layer, hidden-256 model in a fresh temporary workdir (a few seconds).
 """
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +35,19 @@ print("RESULT", dt, base, peak)
 """
 
 
-def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2**30) -> int:
+def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2**30, hidden: int = 2048,
+                    vocab: int = 50304) -> int:
     from safetensors.torch import save_file
 
     from conversion.olmo3 import hf_shapes
-    from pare_nemo.tiny import tiny_config
+    from pare_nemo.tiny import make_tokenizer, tiny_config
 
-    cfg = tiny_config(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-                      num_layers=layers, num_heads=16, dtype="bfloat16")
+    cfg = tiny_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_layers=layers, num_heads=hidden // 128, dtype="bfloat16")
     path.mkdir(parents=True)
     cfg.architectures = ["Olmo3ForCausalLM"]
     cfg.save_pretrained(path)
+    make_tokenizer(1024).save_pretrained(path)  # import checks that a tokenizer loads
     shards, cur, size, gen = [], {}, 0, torch.Generator().manual_seed(0)
     for name, shape in hf_shapes(cfg).items():
         t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
@@ -63,8 +69,11 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2**30) -> int:
 
 
 def run_child(fn: str, src: Path, dst: Path):
-    out = subprocess.run([sys.executable, "-c", CHILD, fn, str(src), str(dst)],
-                         capture_output=True, text=True, check=True).stdout
+    p = subprocess.run([sys.executable, "-c", CHILD, fn, str(src), str(dst)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{fn} failed:\n{p.stderr[-3000:]}")
+    out = p.stdout
     line = next(l for l in out.splitlines() if l.startswith("RESULT"))
     dt, base, peak = map(float, line.split()[1:])
     return dt, base, peak
@@ -75,10 +84,14 @@ def main():
     ap.add_argument("--workdir", default="/tmp/pare_bench")
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
+    size_kw = {}
+    if os.environ.get("PARE_BENCH_SMOKE"):  # smoke run: tiny model, private workdir
+        args.layers, args.workdir = 1, tempfile.mkdtemp(prefix="pare_bench_")
+        size_kw = dict(hidden=256, vocab=1024)
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     hf, mg, hf2, cp = work / "hf", work / "megatron", work / "hf_export", work / "copy"
-    size = make_checkpoint(hf, args.layers)
+    size = make_checkpoint(hf, args.layers, **size_kw)
     cp.mkdir()
     t = time.perf_counter()
     for f in hf.glob("*.safetensors"):

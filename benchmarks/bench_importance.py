@@ -3,9 +3,11 @@ data, same model, same schedule. Goal <= 1.10.
 
     uv run python benchmarks/bench_importance.py            # GPU if present (bf16), else CPU
     uv run python benchmarks/bench_importance.py --layers 8 --hidden 1024 --seq 1024 --samples 32
+    PARE_BENCH_SMOKE=1 uv run python benchmarks/bench_importance.py   # a few-second smoke run
 """
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -22,6 +24,8 @@ def main():
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if os.environ.get("PARE_BENCH_SMOKE"):
+        args.layers, args.hidden, args.seq, args.samples, args.repeats = 2, 128, 64, 2, 1
 
     from pare_nemo.cli import quiet
 

@@ -4,6 +4,7 @@ plain full-vocabulary fp32 PyTorch KL (log_softmax of both, kl_div).
 
     uv run python benchmarks/bench_kl_memory.py                    # 8192 tokens on GPU, 2048 on CPU
     uv run python benchmarks/bench_kl_memory.py --tokens 1024 --kind jsd --top-k 64
+    PARE_BENCH_SMOKE=1 uv run python benchmarks/bench_kl_memory.py   # smoke sizes (64 x 1024)
 
 Time: the fastest of --steps steps (wall and process CPU time). Peak memory is the extra above
 the inputs (bf16 student and teacher logits [tokens, 100352]), including the student's gradient;
@@ -15,6 +16,7 @@ returned on free, so RSS follows the live tensors.
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -94,16 +96,18 @@ def child(args):
 
 
 def main():
+    smoke = bool(os.environ.get("PARE_BENCH_SMOKE"))  # smoke-run sizes for tests/test_readme.py
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=None, help="default: 8192 on GPU, 2048 on CPU")
-    ap.add_argument("--vocab", type=int, default=100278)
-    ap.add_argument("--padded", type=int, default=100352)
+    ap.add_argument("--tokens", type=int, default=64 if smoke else None,
+                    help="default: 8192 on GPU, 2048 on CPU")
+    ap.add_argument("--vocab", type=int, default=1000 if smoke else 100278)
+    ap.add_argument("--padded", type=int, default=1024 if smoke else 100352)
     ap.add_argument("--kind", default="forward", choices=["forward", "reverse", "jsd"])
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: auto)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1 if smoke else 3)
     ap.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tokens is None:

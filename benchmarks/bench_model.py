@@ -3,11 +3,13 @@ bf16 logits parity, forward tokens/s and training-step tokens/s (forward + backw
 
     uv run python benchmarks/bench_model.py              # ~1.2B Olmo-3-shaped, needs a GPU
     uv run python benchmarks/bench_model.py --tiny       # smoke run on CPU
+    PARE_BENCH_SMOKE=1 uv run python benchmarks/bench_model.py   # = --tiny --steps 1
 
 Default config (from the foundation issue): 16 layers, hidden 2048, vocab 100k, batch 2 x 4096.
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -28,6 +30,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
+    if os.environ.get("PARE_BENCH_SMOKE"):
+        args.tiny, args.steps = True, 1
 
     from pare_nemo.cli import quiet
 
