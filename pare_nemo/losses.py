@@ -80,7 +80,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, t
         raise ValueError(f"labels must be in [0, {vocab_size}), got [{int(labels.min())}, "
                          f"{int(labels.max())}]")
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _CrossEntropy.apply(logits, labels, lay)
+        return _StoredGradient.apply(logits, _ce_chunks, lay["chunk"], labels, lay)
     return _ce_chunks(logits, labels, lay, need_grad=False)[0]
 
 
@@ -109,7 +109,8 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vo
     top_k = None if top_k is None else min(top_k, vocab_size)
     opts = (kind, float(beta), float(temperature), top_k)
     if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _KLDivergence.apply(student_logits, teacher_logits, lay, opts)
+        return _StoredGradient.apply(student_logits, _kl_chunks, lay["chunk"], teacher_logits,
+                                     lay, opts)
     return _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=False)[0]
 
 
@@ -117,32 +118,21 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vo
 # autograd: forward stores each token's gradient, backward scales it
 
 
-class _CrossEntropy(torch.autograd.Function):
+class _StoredGradient(torch.autograd.Function):
+    """``loss, grad = chunks(logits, *rest, need_grad=True)`` in forward; the per-token gradient
+    ``grad`` (only ``logits`` gets one) is stored and, in backward, scaled by the incoming one."""
+
     @staticmethod
-    def forward(ctx, logits, labels, lay):
-        loss, grad = _ce_chunks(logits, labels, lay, need_grad=True)
+    def forward(ctx, logits, chunks, chunk, *rest):
+        loss, grad = chunks(logits, *rest, need_grad=True)
         ctx.save_for_backward(grad)
-        ctx.chunk = lay["chunk"]
+        ctx.chunk, ctx.n_rest = chunk, len(rest)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return _scale_rows(grad, grad_loss, ctx.chunk), None, None
-
-
-class _KLDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, lay, opts):
-        loss, grad = _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.chunk = lay["chunk"]
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scale_rows(grad, grad_loss, ctx.chunk), None, None, None
+        return (_scale_rows(grad, grad_loss, ctx.chunk), None, None) + (None,) * ctx.n_rest
 
 
 def _scale_rows(grad, grad_loss, chunk):
