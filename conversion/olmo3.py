@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pare_nemo.model import FULL, SLIDING, Olmo3TransformerConfig
+from pare_nemo.model import FULL, SLIDING, Olmo3TransformerConfig, fusions
 
 VOCAB_PAD_MULTIPLE = 1024  # padded vocab divisible by 128 x TP for TP up to 8, for any TP saved/loaded
 
@@ -24,13 +24,10 @@ _FIXED = dict(
     hidden_dropout=0.0,
     attention_dropout=0.0,
     qk_layernorm=True,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    gradient_accumulation_fusion=False,
-    persist_layer_norm=False,
-)
+    bias_dropout_fusion=False,  # no bias, no dropout; the layer adds its residuals itself
+    masked_softmax_fusion=False,  # Pare's own core attention (SDPA / FlexAttention)
+    persist_layer_norm=False,  # Pare's own RMSNorm
+)  # bias_activation_fusion, gradient_accumulation_fusion, apply_rope_fusion: model.fusions()
 
 SUPPORTED_ARCHITECTURES = ("Olmo3ForCausalLM",)
 
@@ -54,6 +51,7 @@ def megatron_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype | No
     rope = {t: dict(hf_config.rope_parameters[t]) for t in (SLIDING, FULL)}
     kw = dict(
         _FIXED,
+        **fusions(),
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,

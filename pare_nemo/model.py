@@ -53,6 +53,31 @@ def have_te() -> bool:
     return True
 
 
+def fusions() -> dict[str, bool]:
+    """megatron's fused kernels that apply to Olmo 3, each on where it runs (config fields):
+
+    - ``bias_activation_fusion``: megatron's SwiGLU as one autograd Function compiled by
+      ``torch.compile`` (saves only the fc1 output). Same function as the plain SwiGLU (fp32:
+      equal values, gradients within 1 ulp; bf16 is rounded once instead of twice). GPU only: on
+      CPU it would be compiled in every process (seconds each) for no gain.
+    - ``gradient_accumulation_fusion``: weight gradients accumulated straight into megatron DDP's
+      fp32 ``main_grad`` (so the model must be wrapped in megatron's DDP to backprop). GPTModel's
+      output layer is always megatron's ColumnParallelLinear, which needs apex's
+      ``fused_weight_gradient_mlp_cuda`` for it (TE's linears have their own).
+    - ``apply_rope_fusion``: TE's fused RoPE. Only positions 0..s-1 per row: document ids
+      (per-token positions) need it off (the layer refuses the pair), so callers packing documents
+      pass ``apply_rope_fusion=False``.
+    """
+    cuda = torch.cuda.is_available()
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+        apex_wgrad = True
+    except Exception:
+        apex_wgrad = False
+    return dict(bias_activation_fusion=cuda, gradient_accumulation_fusion=cuda and apex_wgrad,
+                apply_rope_fusion=cuda and have_te())
+
+
 @dataclass
 class Olmo3TransformerConfig(TransformerConfig):
     """megatron-core's TransformerConfig plus what Olmo 3 adds, kept per layer so depth pruning
@@ -110,6 +135,65 @@ def rope_for_layer_type(config: Olmo3TransformerConfig, layer_type: str):
 # ---------------------------------------------------------------- norms
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """``weight * x / rms(x)`` over the last ``dims`` dimensions, with transformers' numerics
+    (statistics in fp32, weight applied in fp32, result cast back to x's dtype), saving for
+    backward only x in its own dtype, the per-row ``rstd`` (fp32, one value per row) and the
+    weight: an eager fp32 RMSNorm keeps two fp32 copies of x for autograd (4x the bf16 bytes).
+
+    ``group`` (tensor parallelism: each rank holds part of every row): the sum of squares is
+    all-reduced over it and divided by ``size``, the full row length. Backward, with
+    ``xhat = x * rstd`` and ``gw = grad * weight`` (rows of length ``size``)::
+
+        d weight = sum over rows of grad * xhat                    (this rank's slice)
+        d x      = rstd * (gw - xhat * sum(gw * xhat) / size)
+
+    where ``sum(gw * xhat)`` runs over the full row, so it is all-reduced over ``group`` too
+    (it is the gradient reaching the all-reduced sum of squares).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, dims, group, size):
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        red = tuple(range(-dims, 0))
+        xf = x.to(dtype)
+        if group is None:
+            mean_sq = xf.pow(2).mean(red, keepdim=True)
+            size = math.prod(x.shape[-dims:])
+        else:
+            mean_sq = xf.pow(2).sum(red, keepdim=True)
+            torch.distributed.all_reduce(mean_sq, group=group)
+            mean_sq = mean_sq / size
+        rstd = torch.rsqrt(mean_sq + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.dims, ctx.group, ctx.size = dims, group, size
+        return (weight * (xf * rstd)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        red = tuple(range(-ctx.dims, 0))
+        xhat = x.to(rstd.dtype) * rstd
+        grad = grad.to(rstd.dtype)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            rows = tuple(range(x.dim() - ctx.dims))
+            grad_w = (grad * xhat).sum(rows).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gw = grad * weight
+            dot = (gw * xhat).sum(red, keepdim=True)
+            if ctx.group is not None:
+                torch.distributed.all_reduce(dot, group=ctx.group)
+            grad_x = (rstd * (gw - xhat * (dot / ctx.size))).to(x.dtype)
+        return grad_x, grad_w, None, None, None, None
+
+
+def rms_norm(x, weight, eps: float, dims: int = 1, group=None, size: int | None = None):
+    """RMSNorm of ``x`` over its last ``dims`` dimensions (``weight``: their shape); see
+    :class:`_RMSNormFunction` for ``group`` / ``size`` (tensor-parallel rows)."""
+    return _RMSNormFunction.apply(x, weight, eps, dims, group, size)
+
+
 class Olmo3RMSNorm(torch.nn.Module):
     """RMSNorm with transformers' exact numerics (fp32 statistics, weight applied in fp32)."""
 
@@ -121,18 +205,15 @@ class Olmo3RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x).to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Olmo3QKNorm(MegatronModule):
     """RMSNorm over the whole q (or k) projection, i.e. over all heads, before RoPE.
 
     Input is megatron's per-rank ``[s, b, heads_local, head_dim]``. Under tensor parallelism each rank
-    holds some heads, so the sum of squares is all-reduced across the TP group (with autograd, so
-    gradients are exact too).
+    holds some heads, so the sum of squares is all-reduced across the TP group, and so is the
+    full-row term of its backward (:class:`_RMSNormFunction`), so gradients are exact too.
 
     The weight is full-size (all heads) and replicated on every TP rank; each rank multiplies by its
     heads' slice (``narrow``, so its gradient lands in that slice, zeros elsewhere). megatron's
@@ -157,14 +238,14 @@ class Olmo3QKNorm(MegatronModule):
         self.weight = torch.nn.Parameter(torch.ones(self.full_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, shape = x.dtype, x.shape
-        x = x.float().reshape(*shape[:-2], shape[-2] * shape[-1])
-        sumsq = x.pow(2).sum(-1, keepdim=True)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size(self.tp_group) > 1:
-            sumsq = torch.distributed.nn.functional.all_reduce(sumsq, group=self.tp_group)
-        x = x * torch.rsqrt(sumsq / self.full_size + self.eps)
-        weight = self.weight.narrow(0, self.offset, self.local_size)
-        return (weight * x).to(dtype).reshape(shape)
+        # over [heads, head_dim] as they come (no flattening copy): k (and q without GQA) is a
+        # strided view of the fused QKV output, alive for backward anyway (v is a view of it too),
+        # so saving it costs nothing; megatron's GQA q is its own bf16 copy, saved as it is.
+        weight = self.weight.narrow(0, self.offset, self.local_size).view(x.shape[-2:])
+        tp = torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size(self.tp_group) > 1
+        return rms_norm(x, weight, self.eps, dims=2, group=self.tp_group if tp else None,
+                        size=self.full_size)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The full weight, replicated over TP and DP: replica id (0, tp rank, dp rank), so only
@@ -229,7 +310,8 @@ def _mask_mod(window: int | None, seg: torch.Tensor | None):
 def _sliding_block_mask(window: int, q_len: int, kv_len: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(_mask_mod(window, None), None, None, q_len, kv_len, device=device)
+    make = _compiled_create_block_mask() if device.startswith("cuda") else create_block_mask
+    return make(_mask_mod(window, None), None, None, q_len, kv_len, device=device)
 
 
 @lru_cache(maxsize=1)
