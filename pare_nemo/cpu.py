@@ -3,7 +3,8 @@
 megatron-core hard-codes a few CUDA calls (RoPE buffers and the global memory buffer ask for
 ``torch.cuda.current_device()``, the RNG tracker saves and restores CUDA RNG states,
 dist_checkpointing and p2p call ``torch.cuda.synchronize()``, pipeline schedules allocate a
-counter with ``device="cuda"``; for training, DDP's gradient sync asks for
+counter with ``device="cuda"``, fully parallel checkpoint loads move the shards they exchange
+with ``.cuda()``; for training, DDP's gradient sync asks for
 ``torch.cuda.current_stream()`` to wait on CUDA-graph events, and the distributed optimizer and
 gradient clipping accept only tensors whose ``.type()`` is a ``torch.cuda.*`` name). This module
 redirects exactly those to the CPU. It is applied only when ``torch.cuda.is_available()`` is
@@ -22,6 +23,8 @@ class _CudaLiteralsToCpu(TorchFunctionMode):
     """Rewrites ``device="cuda"`` in tensor factories (megatron's pipeline schedules) to CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:  # fully parallel checkpoint loads exchange shards "on GPU"
+            return args[0]
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         if dev is not None and str(dev).startswith("cuda"):
