@@ -48,6 +48,11 @@ class ImportanceHooks:
     """Forward hooks on this rank's layers; call ``set_mask`` before each micro-batch."""
 
     def __init__(self, model, seq: str = "mean", batch: str = "l2"):
+        if model.config.sequence_parallel:
+            raise NotImplementedError(
+                "importance hooks need whole sequences on every TP rank; under sequence "
+                "parallelism the norms' outputs are [s/tp, b, h] shards. Load the model with "
+                "sequence_parallel=False for importance (its results do not depend on it)")
         self.seq, self.batch = seq, batch
         self.layers = list(model.decoder.layers)
         n = len(self.layers)

@@ -23,7 +23,9 @@ on vocab-parallel logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import signal
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -34,7 +36,8 @@ class StepResult:
     loss: float  # mean loss per token over the global batch
     grad_norm: float | None  # before clipping; None if the step was skipped
     lr: float  # the learning rate this step used
-    skipped: bool  # the optimizer skipped the update (inf/nan gradients)
+    skipped: bool  # no update: the loss or a gradient was not finite
+    losses: dict = field(default_factory=dict)  # each reported component's mean over the batch
 
 
 def setup_training(model, lr: float, train_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
@@ -116,12 +119,9 @@ def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, voca
 
 def train_step(model_chunks, optimizer, scheduler, tokens: torch.Tensor, mask: torch.Tensor,
                vocab_size: int, micro_batch_size: int = 1, loss_fn=None) -> StepResult:
-    """One training iteration on this DP rank's share ``tokens``, ``mask`` [b, s] of the global
+    """One LM training iteration on this DP rank's share ``tokens``, ``mask`` [b, s] of the global
     batch (every TP/PP rank of a DP replica gets the same rows). ``loss_fn(logits, tokens, mask)``
     returns ``(loss_sum, num_tokens)`` for a micro-batch (default: :func:`lm_loss`)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from pare_nemo.parallel import device
 
     b, s = tokens.shape
@@ -141,33 +141,139 @@ def train_step(model_chunks, optimizer, scheduler, tokens: torch.Tensor, mask: t
 
         def loss_func(logits):
             loss, num_tokens = loss_fn(logits, tok, msk)
-            num_tokens = num_tokens.int()
-            report = torch.stack([loss.detach().float(), num_tokens.float()])
-            return loss, num_tokens, {"lm loss": report}
+            return loss, num_tokens.int(), {}
 
         return logits, loss_func
+
+    return run_step(model_chunks, optimizer, scheduler, micro_batches, forward_step, s,
+                    micro_batch_size)
+
+
+def run_step(model_chunks, optimizer, scheduler, micro_batches: list, forward_step,
+             seq_length: int, micro_batch_size: int, adjust_tensor_shapes_fn=None,
+             on_nan: str = "skip") -> StepResult:
+    """One training iteration over ``micro_batches`` (this DP rank's) with megatron's schedule.
+
+    ``forward_step(data_iterator, model)`` is megatron's ``forward_step_func``: it takes the next
+    micro-batch, runs ``model`` and returns ``(output, loss_func)``; on the last pipeline stage
+    ``loss_func(output)`` returns ``(loss_sum, num_tokens, {name: tensor([sum, count])})``: the
+    per-token loss summed over the micro-batch, its token count and any components to report.
+
+    NaN guard: when the loss or any gradient is not finite on any rank, no update happens (the
+    optimizer and scheduler do not step) and the result says ``skipped``; with ``on_nan="stop"``
+    a ``FloatingPointError`` is raised instead. Either way nothing poisoned reaches the weights.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pare_nemo.parallel import device
+
+    if on_nan not in ("skip", "stop"):
+        raise ValueError(f"on_nan={on_nan!r}: expected 'skip' or 'stop'")
+    dev = device()
+
+    def wrapped_forward_step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+
+        def wrapped_loss_func(out):
+            loss, num_tokens, reports = loss_func(out)
+            num_tokens = torch.as_tensor(num_tokens, device=loss.device).int()
+            reports = dict(reports)
+            reports["loss"] = torch.stack([loss.detach().float(), num_tokens.float()])
+            return loss, num_tokens, reports
+
+        return output, wrapped_loss_func
 
     for c in model_chunks:
         c.train()
         c.zero_grad_buffer()
     optimizer.zero_grad()
+    kwargs = {}
+    if adjust_tensor_shapes_fn is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model_chunks,
-        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=micro_batch_size,
-        forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+        forward_step_func=wrapped_forward_step, data_iterator=iter(micro_batches),
+        model=model_chunks, num_microbatches=len(micro_batches), seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False, **kwargs)
+    losses = reduce_reports(reports)
+
+    finite = torch.tensor([1.0 if all(math.isfinite(v) for v in losses.values()) else 0.0],
+                          device=dev)
+    for c in model_chunks:
+        for buf in c.buffers + c.expert_parallel_buffers:
+            if not torch.isfinite(buf.grad_data).all():
+                finite.zero_()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     lr = optimizer.param_groups[0]["lr"]
+    if not finite.item():
+        if on_nan == "stop":
+            raise FloatingPointError(f"loss or gradients are not finite ({losses}); stopping "
+                                     "without an update (on_nan=stop)")
+        return StepResult(loss=losses["loss"], grad_norm=None, lr=lr, skipped=True,
+                          losses=losses)
+    update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
+    return StepResult(loss=losses["loss"], grad_norm=None if grad_norm is None else float(grad_norm),
+                      lr=lr, skipped=not update_successful, losses=losses)
 
-    # mean loss over the global batch: summed on the last stage over micro-batches and DP, then
-    # sent to every rank (so each rank returns the same number)
-    total = torch.zeros(2, device=dev)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        total += sum(r["lm loss"] for r in reports)
+
+def reduce_reports(reports: list) -> dict:
+    """Means over the global batch of the ``{name: tensor([sum, count])}`` reports the last
+    pipeline stage collected: summed over micro-batches and DP, then sent to every rank (so each
+    rank returns the same numbers)."""
+    from megatron.core import parallel_state as ps
+
+    from pare_nemo.parallel import device
+
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    names = sorted(reports[0]) if last and reports else []
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [names]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        names = box[0]
+    total = torch.zeros(len(names), 2, device=device())
+    if last:
+        for r in reports:
+            total += torch.stack([r[n].to(total) for n in names])
         dist.all_reduce(total, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    return StepResult(loss=(total[0] / total[1]).item(),
-                      grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
-                      skipped=not update_successful)
+    return {n: (t[0] / t[1]).item() for n, t in zip(names, total)}
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (Slurm's warning before a time limit or preemption) set a flag instead of
+    killing the process; the loop asks :meth:`requested` once per step (all ranks agree: the flag
+    is all-reduced), then saves and exits with :data:`REQUEUE_EXIT_CODE`, which the Slurm script
+    turns into ``scontrol requeue``. A second signal while saving is ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        from pare_nemo.parallel import device
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal; run me again to resume"

@@ -194,3 +194,14 @@ def test_chat_data_uses_chat_template(tmp_path, hf_gqa):
     data = load_token_data(str(f), tok, 1, 64, pack=False)
     text = tok.decode(data.tokens[0][data.mask[0]])
     assert text.startswith("<|im_start|>user\nhi<|im_end|>")
+
+
+def test_hooks_refuse_sequence_parallel():
+    """Under sequence parallelism the hooks would see [s/tp, b, h] shards: refused, clearly."""
+    from types import SimpleNamespace
+
+    from pare_nemo.importance import ImportanceHooks
+
+    model = SimpleNamespace(config=SimpleNamespace(sequence_parallel=True))
+    with pytest.raises(NotImplementedError, match="sequence_parallel=False"):
+        ImportanceHooks(model)
