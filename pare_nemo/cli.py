@@ -25,6 +25,8 @@ COMMANDS = {
     "importance": ("pare_nemo.importance", "importance"),
     "prune": ("pare_nemo.prune", "prune"),
     "search": ("pare_nemo.search", "search"),
+    "prepare-data": ("pare_nemo.data", "prepare_data"),
+    "distill": ("pare_nemo.distill", "distill"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 
@@ -178,9 +180,9 @@ def usage() -> str:
     lines = ["usage: pare <command> [recipe=<name>] key=value …", "", "commands:"]
     for name in COMMANDS:
         cmd = command(name)
-        lines.append(f"  {name:10s} {cmd.doc}")
+        lines.append(f"  {name:12s} {cmd.doc}")
         params = [p.name + ("" if p.default is REQUIRED else f"={p.default}") for p in cmd.params]
-        lines.append(f"  {'':10s} {' '.join(params)}")
+        lines.append(f"  {'':12s} {' '.join(params)}")
     lines += ["", "Values: true/false, numbers (4.5e9), lists as [1,2] or 1,2, none.",
               "`pare <command> --help` shows one command with types and recipes."]
     return "\n".join(lines)

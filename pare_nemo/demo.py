@@ -4,9 +4,12 @@ Today: build a tiny Olmo 3 (GQA, 3 sliding : 1 full layers, YaRN on the full lay
 briefly on real text, import it to Megatron, check the Megatron model's logits against transformers,
 export it back to HF and check the round trip, run importance analysis and show what removing
 the 10% least vs most important FFN neurons costs, then width-prune the model (FFN 384 -> 256,
-hidden 128 -> 96) and export it, printing the loss before and after. Distillation comes next.
+hidden 128 -> 96), tokenize real text into a megatron indexed dataset, distill the pruned student from
+the trained model (the ``tiny_distill`` recipe) and export it, printing the teacher's, the pruned
+and the distilled model's loss on held-out text.
 """
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +42,9 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
 
     from conversion.convert import export_hf, import_hf
     from pare_nemo.checkpoint import load_model
+    from pare_nemo.data import prepare_data
+    from pare_nemo.distill import distill
+    from recipes.olmo3 import tiny_distill
     from pare_nemo.importance import importance, load_scores
     from pare_nemo.prune import num_params, prune
     from pare_nemo.parallel import distributed, forward_logits
@@ -96,6 +102,19 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     step("width prune (FFN 384 -> 256, hidden 128 -> 96) + export", lambda: export_hf(
         prune(str(mg_dir), str(scores_path), str(pruned_dir), target_ffn_hidden_size=256,
               target_hidden_size=96), str(pruned_hf)))
+    data_prefix, distilled_dir, distilled_hf = work / "data" / "pydoc", work / "distilled", \
+        work / "distilled_hf"
+    for d in (data_prefix.parent, distilled_dir, distilled_hf):
+        shutil.rmtree(d, ignore_errors=True)
+    # the first 200 of pydoc's 223 documents: the held-out tokens come from its last ones
+    step("prepare-data (pydoc_data.topics -> megatron indexed dataset)", lambda: prepare_data(
+        "pydoc", str(mg_dir / "tokenizer"), str(data_prefix), limit_docs=200))
+    recipe = dataclasses.asdict(tiny_distill())
+    step(f"distill the pruned student ({recipe['train_steps']} steps x "
+         f"{recipe['global_batch_size']} x {recipe['seq_length']} tokens) + export",
+         lambda: export_hf(distill(str(mg_dir), str(pruned_dir), str(data_prefix),
+                                   str(distilled_dir), tensorboard=False, **recipe),
+                           str(distilled_hf)))
     a, b = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = AutoModelForCausalLM.from_pretrained(out_dir).eval()
@@ -137,6 +156,11 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     m.add_row(f"width prune {num_params(hf.config) / 1e6:.2f}M -> "
               f"{num_params(pruned_model.config) / 1e6:.2f}M params: loss",
               f"{_lm_loss(ref, tokens):.4f} / {pruned_loss:.4f}")
+    distilled = AutoModelForCausalLM.from_pretrained(distilled_hf).eval()
+    with torch.no_grad():
+        distilled_loss = distilled(tokens, labels=tokens).loss.item()
+    m.add_row("LM loss teacher / pruned / distilled",
+              f"{_lm_loss(ref, tokens):.4f} / {pruned_loss:.4f} / {distilled_loss:.4f}")
     m.add_row("least important layers (Block Influence)", str(scores["layer"].argsort().tolist()))
     m.add_row("least important layers (loss when skipped)",
               str(scores["layer_loss"].argsort().tolist()))

@@ -79,3 +79,75 @@ def olmo3_7b_combined_4p5b() -> PruneRecipe:
 
 
 PRUNE_RECIPES = (olmo3_7b_width_4p5b, olmo3_7b_depth_4p5b, olmo3_7b_combined_4p5b)
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """Arguments of ``pare distill`` / ``nemo llm distill --factory <name>``. Paths (teacher_path,
+    student_path, data, save_path) are given on the command line; ``data`` is what
+    ``pare prepare-data`` wrote (one prefix, or ``weight:prefix,weight:prefix`` for a blend)."""
+
+    train_steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    seq_length: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    kd: str = "forward"
+    temperature: float = 1.0
+    alpha: float = 0.0
+    intermediate_loss: str = "none"
+    intermediate_weight: float = 1.0
+    embedding_weight: float = 0.0
+    hidden_match: str = "kept"
+    tp: int = 1
+    pp: int = 1
+    recompute: str = "selective"
+    save_interval: int = 200
+    keep_last: int = 2
+    eval_interval: int = 200
+
+
+# The papers' distillation settings (Minitron, arXiv 2407.14679 / 2408.11796): sequence 8192,
+# global batch 768 (6.3M tokens a step), LR 1e-4 -> 1e-5 cosine, 100 warmup steps, ~94B tokens
+# (15,000 steps; Llama-3.1-Minitron 4B used 94B). The blend for Olmo 3: its own mid-training mix
+# (Dolma 3 Dolmino) and SFT mixture (Dolci Instruct SFT), prepared with
+#   pare prepare-data data=allenai/dolma3_dolmino_mix-100B-1125 output_prefix=data/dolmino
+#   pare prepare-data data=allenai/Dolci-Instruct-SFT-7B output_prefix=data/dolci
+# and given as data=0.7:data/dolmino,0.3:data/dolci (Hub ids as published by Ai2; check them).
+OLMO3_DISTILL_DATA = "0.7:data/dolmino,0.3:data/dolci"
+_PAPER = dict(train_steps=15000, global_batch_size=768, micro_batch_size=1, seq_length=8192,
+              lr=1e-4, min_lr=1e-5, warmup_steps=100)
+
+
+def olmo3_7b_distill_width() -> DistillRecipe:
+    """The width-pruned 4.5B student: logit-only forward KL (the papers' choice when width was
+    pruned); TP=2 (8 GPUs: DP=4), selective recompute."""
+    return DistillRecipe(**_PAPER, tp=2)
+
+
+def olmo3_7b_distill_depth() -> DistillRecipe:
+    """The depth-pruned 4.5B student: logit KL + cosine losses on every student layer's output
+    (paired with the teacher layer it came from) + the embedding output, as the papers do when
+    depth was pruned; PP=1 so every pair is on one stage (TP=2, DP=4)."""
+    return DistillRecipe(**_PAPER, tp=2, intermediate_loss="cosine", intermediate_weight=1.0,
+                         embedding_weight=1.0)
+
+
+def olmo3_7b_distill_combined() -> DistillRecipe:
+    """The width+depth 4.5B student: logit KL + intermediate cosine losses compared on the teacher
+    channels the student kept; TP=2, DP=4."""
+    return DistillRecipe(**_PAPER, tp=2, intermediate_loss="cosine", intermediate_weight=1.0,
+                         embedding_weight=1.0, hidden_match="kept")
+
+
+def tiny_distill() -> DistillRecipe:
+    """The demo's tiny student on CPU: 60 steps of 16 x 64 tokens, LR 3e-3, bf16."""
+    return DistillRecipe(train_steps=60, global_batch_size=16, micro_batch_size=8, seq_length=64,
+                         lr=3e-3, min_lr=3e-4, warmup_steps=5, recompute="none",
+                         save_interval=20, eval_interval=20)
+
+
+DISTILL_RECIPES = (olmo3_7b_distill_width, olmo3_7b_distill_depth, olmo3_7b_distill_combined,
+                   tiny_distill)
