@@ -41,9 +41,22 @@ def hf_dtype(hf_config) -> torch.dtype:
     return getattr(torch, dt) if isinstance(dt, str) else dt
 
 
+def pipeline_split(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage: even when ``pp`` divides ``num_layers``; otherwise the first and
+    last stages take the remainder (first one more when it is odd), the middle stages
+    ``num_layers // pp`` each (megatron's ``num_layers_in_first/last_pipeline_stage``)."""
+    middle, rem = divmod(num_layers, pp)
+    if rem == 0 or pp == 1:
+        return [middle] * pp
+    first, last = middle + (rem + 1) // 2, middle + rem // 2
+    return [first] + [middle] * (pp - 2) + [last]
+
+
 def megatron_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
                     sequence_parallel: bool = False, **overrides) -> Olmo3TransformerConfig:
-    """The provider: HF ``Olmo3Config`` -> Pare's ``Olmo3TransformerConfig``."""
+    """The provider: HF ``Olmo3Config`` -> Pare's ``Olmo3TransformerConfig``. A layer count ``pp``
+    does not divide gets megatron's uneven split (:func:`pipeline_split`); only stages that allow
+    it (distillation) pass such a count (``check_parallel_sizes(uneven_pipeline=True)``)."""
     dtype = dtype or hf_dtype(hf_config)
     head_dim = getattr(hf_config, "head_dim", None) or (
         hf_config.hidden_size // hf_config.num_attention_heads
@@ -74,11 +87,15 @@ def megatron_config(hf_config, tp: int = 1, pp: int = 1, dtype: torch.dtype | No
         fp16=dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
+    if pp > 1 and hf_config.num_hidden_layers % pp:
+        split = pipeline_split(hf_config.num_hidden_layers, pp)
+        kw.update(num_layers_in_first_pipeline_stage=split[0],
+                  num_layers_in_last_pipeline_stage=split[-1])
     kw.update(overrides)
     return Olmo3TransformerConfig(**kw)
 
 
-def check_parallel_sizes(hf_config, tp: int, pp: int) -> None:
+def check_parallel_sizes(hf_config, tp: int, pp: int, uneven_pipeline: bool = False) -> None:
     """Clear errors for TP/PP that do not divide the model, before any work starts."""
     problems = []
     if tp < 1 or pp < 1:
@@ -92,8 +109,11 @@ def check_parallel_sizes(hf_config, tp: int, pp: int) -> None:
         ):
             if n % tp:
                 problems.append(f"tp={tp} does not divide {what}={n}")
-        if hf_config.num_hidden_layers % pp:
-            problems.append(f"pp={pp} does not divide num_hidden_layers={hf_config.num_hidden_layers}")
+        if hf_config.num_hidden_layers % pp and not (
+                uneven_pipeline and min(pipeline_split(hf_config.num_hidden_layers, pp)) >= 1):
+            problems.append(f"pp={pp} does not divide num_hidden_layers="
+                            f"{hf_config.num_hidden_layers}" + ("" if uneven_pipeline else
+                                                                " (only distillation splits unevenly)"))
         if padded_vocab_size(hf_config.vocab_size) % tp:
             problems.append(f"tp={tp} does not divide the padded vocabulary")
     if problems:

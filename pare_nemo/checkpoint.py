@@ -211,9 +211,10 @@ def save_model(model, path: Path, hf_config, padded_vocab_size: int, dtype: torc
 
 
 def load_model(path: str | os.PathLike, parallel_output: bool = False, dtype=None,
-               **config_overrides):
+               uneven_pipeline: bool = False, **config_overrides):
     """Build this rank's part of the model at the current TP/PP and load the checkpoint into it.
-    Returns (model, hf_config)."""
+    Returns (model, hf_config). ``uneven_pipeline``: a layer count PP does not divide is split
+    unevenly (``conversion.olmo3.pipeline_split``) instead of refused."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -224,7 +225,7 @@ def load_model(path: str | os.PathLike, parallel_output: bool = False, dtype=Non
     hf_config, padded_vocab, saved_dtype = read_model_config(path)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    check_parallel_sizes(hf_config, tp, pp)
+    check_parallel_sizes(hf_config, tp, pp, uneven_pipeline=uneven_pipeline)
     cfg = megatron_config(hf_config, tp=tp, pp=pp, dtype=dtype or saved_dtype,
                           perform_initialization=False, **config_overrides)
     model = build_olmo3_model(
@@ -460,7 +461,8 @@ def load_training_checkpoint(path: str | os.PathLike, model_chunks, optimizer, s
     models = unwrap_model(list(model_chunks))
     for i, m in enumerate(models):
         m.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"])
-    _load_optimizer(optimizer, loaded["optimizer"])
+    with torch.no_grad():  # fp32 training: the main params are the model's own leaves
+        _load_optimizer(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     _set_rng_state(loaded["rng_state"])
     _barrier()

@@ -144,11 +144,20 @@ def pairing(student_config, teacher_config, plan: dict | None, intermediate: str
 
 
 def stage_of(layer: int, num_layers: int, pp: int) -> int:
-    return layer // (num_layers // pp)
+    from conversion.olmo3 import pipeline_split
+
+    end = 0
+    for stage, n in enumerate(pipeline_split(num_layers, pp)):
+        end += n
+        if layer < end:
+            return stage
+    raise ValueError(f"layer {layer} out of range for {num_layers} layers")
 
 
 def check_pairs_on_stages(p: Pairing, ls: int, lt: int, pp: int, embedding_weight: float):
     """Under pipeline parallelism both layers of a pair must live on one stage."""
+    from conversion.olmo3 import pipeline_split
+
     if pp == 1:
         return
     apart = [(i, j) for i, j in zip(p.student_layers, p.teacher_layers)
@@ -156,7 +165,8 @@ def check_pairs_on_stages(p: Pairing, ls: int, lt: int, pp: int, embedding_weigh
     if apart:
         raise ValueError(
             f"at pp={pp} these (student, teacher) layer pairs fall on different pipeline stages: "
-            f"{apart} (student layers per stage {ls // pp}, teacher {lt // pp}); choose pairs on "
+            f"{apart} (layers per stage: student {pipeline_split(ls, pp)}, teacher "
+            f"{pipeline_split(lt, pp)}); choose pairs on "
             "one stage with student_layers=/teacher_layers=, or run at pp=1")
 
 
@@ -515,8 +525,8 @@ def distill(teacher_path: str, student_path: str, data: str, save_path: str,
     check_same_tokenizer(teacher_path, student_path)
     check_seq_length(seq_length, sc)
     check_seq_length(seq_length, tc)
-    check_parallel_sizes(tc, tp, pp)
-    check_parallel_sizes(sc, tp, pp)
+    check_parallel_sizes(tc, tp, pp, uneven_pipeline=True)
+    check_parallel_sizes(sc, tp, pp, uneven_pipeline=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
@@ -562,8 +572,9 @@ def _train(args: dict, save: Path, resume: bool, tc, sc, s_padded, pairs: Pairin
                              recompute_method="uniform" if a["recompute"] == "full" else None,
                              recompute_num_layers=1 if a["recompute"] == "full" else None)
         student, _ = ckpt.load_model(a["student_path"], parallel_output=True, dtype=dtype,
-                                     **overrides)
+                                     uneven_pipeline=True, **overrides)
         teacher, _ = ckpt.load_model(a["teacher_path"], parallel_output=True, dtype=dtype,
+                                     uneven_pipeline=True,
                                      **({"apply_rope_fusion": False} if a["document_mask"]
                                         else {}))
         teacher.eval()

@@ -42,6 +42,7 @@ def env(trained, tmp_path_factory):
     width = prune(teacher, str(root / "scores.pt"), str(root / "width"),
                   target_ffn_hidden_size=128, target_hidden_size=48)
     depth = prune(teacher, str(root / "scores.pt"), str(root / "depth"), target_num_layers=2)
+    depth3 = prune(teacher, str(root / "scores.pt"), str(root / "depth3"), target_num_layers=3)
     docs = pydoc_text().split("\n\n\n")
     (root / "train.txt").write_text("\n\n\n".join(docs[:-20]))
     prepare_data(str(root / "train.txt"), str(Path(teacher) / "tokenizer"), str(root / "data"))
@@ -54,7 +55,8 @@ def env(trained, tmp_path_factory):
     Olmo3ForCausalLM(cfg).save_pretrained(root / "scratch_hf")
     tok.save_pretrained(root / "scratch_hf")
     scratch = import_hf(str(root / "scratch_hf"), str(root / "scratch"))
-    return dict(root=root, teacher=teacher, width=width, depth=depth, data=str(root / "data"),
+    return dict(root=root, teacher=teacher, width=width, depth=depth, depth3=depth3,
+                data=str(root / "data"),
                 held=held, scratch=scratch)
 
 
@@ -186,7 +188,7 @@ def test_half_written_checkpoint_is_ignored(env, tmp_path):
     assert [r["loss"] for r in again] == [r["loss"] for r in first]
 
 
-PARALLEL = dict(RUN, train_steps=6, save_interval=6, dtype="float32", intermediate_loss="cosine",
+PARALLEL = dict(RUN, train_steps=6, save_interval=3, dtype="float32", intermediate_loss="cosine",
                 embedding_weight=0.5)
 
 
@@ -210,9 +212,44 @@ def test_parallel_runs_follow_tp1(env, tp1_run, tmp_path, layout):
                                   data=env["data"], save_path=str(out), tp=tp, pp=pp),
           tmp=tmp_path)
     a, b = metrics(ref), metrics(out)
-    for k in ("loss", "kd", "layer 0->0", "layer 3->3", "embedding"):
-        ra, rb = [r[k] for r in a], [r[k] for r in b]
-        assert torch.allclose(torch.tensor(rb), torch.tensor(ra), rtol=1e-4, atol=1e-6), (k, ra, rb)
+    keys = ("loss", "kd", "layer 0->0", "layer 3->3", "embedding")
+
+    def close(rows_a, rows_b):
+        for k in keys:
+            ra, rb = [r[k] for r in rows_a], [r[k] for r in rows_b]
+            assert torch.allclose(torch.tensor(rb), torch.tensor(ra), rtol=1e-4, atol=1e-6), \
+                (k, ra, rb)
+
+    close(a, b)
+    if layout == "dp2":  # resume the DP=2 run's step-3 checkpoint at DP=1: the optimizer reshards
+        import shutil
+
+        (out / "latest_checkpointed_iteration.txt").write_text("3")
+        shutil.rmtree(out / "iter_0000006")
+        run_distill(env, out, **kw)
+        resumed = metrics(out)
+        assert [r["step"] for r in resumed] == list(range(1, 7))
+        close(b[3:], resumed[3:])
+
+
+def test_depth_student_with_uneven_pipeline_split(env, tmp_path):
+    """A 3-layer student at PP=2 (stages of 2 and 1 layers; the 4-layer teacher 2 and 2) follows
+    its PP=1 loss curve (fp32, 1e-4 relative); at PP=2 importance still refuses 3 layers."""
+    from conversion.olmo3 import check_parallel_sizes, pipeline_split
+    from pare_nemo.checkpoint import read_model_config
+    from tests.dist_workers import spawn
+    from tests.distill_workers import distill_worker
+
+    assert pipeline_split(3, 2) == [2, 1] and pipeline_split(18, 4) == [5, 4, 4, 5]
+    with pytest.raises(ValueError, match="only distillation splits unevenly"):
+        check_parallel_sizes(read_model_config(env["depth3"])[0], 1, 2)
+    kw = dict(RUN, train_steps=4, save_interval=4, dtype="float32")
+    ref = run_distill(env, tmp_path / "pp1", student="depth3", **kw)
+    spawn(distill_worker, 2, dict(kw, teacher_path=env["teacher"], student_path=env["depth3"],
+                                  data=env["data"], save_path=str(tmp_path / "pp2"), pp=2),
+          tmp=tmp_path)
+    a, b = [r["kd"] for r in metrics(ref)], [r["kd"] for r in metrics(tmp_path / "pp2")]
+    assert torch.allclose(torch.tensor(b), torch.tensor(a), rtol=1e-4), (a, b)
 
 
 def test_depth_student_with_intermediate_losses_and_export(env, tmp_path):
