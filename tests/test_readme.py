@@ -54,6 +54,8 @@ SUBSTITUTIONS = {
     "target_num_attention_heads=24": "target_num_attention_heads=2",
     "budget=4.5e9": "budget={budget}",
     "layers=[24,28,32]": "layers=[3,4]",
+    "recipe=olmo3_7b_distill_width": "recipe=tiny_distill train_steps=10",
+    "num_workers=8": "num_workers=2",
 }
 # The same for the Slurm scripts' own 7B defaults: the stand-in job's environment (a VAR=value the
 # README line sets wins).
@@ -63,7 +65,7 @@ SLURM_DEFAULTS = {
 }
 # A 7B prune recipe on the tiny model fails on the first target it cannot reach, before any work.
 # (slurm/prune.sh's default RECIPE is one.)
-RECIPE_7B = re.compile(r"(?:recipe=|RECIPE=|--factory[= ])(olmo3_7b_\w+)")
+RECIPE_7B = re.compile(r"(?:recipe=|RECIPE=|--factory[= ])(olmo3_7b_\w+_4p5b)")
 TARGET_ERROR = re.compile(r"target_\w+=\d+ must be in \[1, \d+\]")
 
 NOT_RUNNABLE = {
@@ -79,7 +81,7 @@ NOT_RUNNABLE = {
 
 # the output each stage writes, checked to exist after its line ran
 OUTPUT = {"import": "megatron_path", "export": "hf_path", "importance": "scores_path",
-          "prune": "save_path"}
+          "prune": "save_path", "distill": "save_path"}
 
 
 # --- the README's command lines ---
