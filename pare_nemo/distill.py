@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -497,6 +496,7 @@ def distill(teacher_path: str, student_path: str, data: str, save_path: str,
     from conversion.olmo3 import check_parallel_sizes
     from pare_nemo.checkpoint import read_model_config
     from pare_nemo.data import check_seq_length
+    from pare_nemo.parallel import world_size
     from pare_nemo.prune import load_plan
 
     save = Path(save_path)
@@ -527,7 +527,7 @@ def distill(teacher_path: str, student_path: str, data: str, save_path: str,
     check_seq_length(seq_length, tc)
     check_parallel_sizes(tc, tp, pp, uneven_pipeline=True)
     check_parallel_sizes(sc, tp, pp, uneven_pipeline=True)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
     dp = world // (tp * pp)

@@ -33,6 +33,14 @@ def cuda_device(local_rank: int, device_count: int) -> int:
     return local_rank % device_count
 
 
+def world_size() -> int:
+    """The job's process count before torch.distributed starts: torchrun's WORLD_SIZE, else the
+    number of srun tasks (SLURM_NTASKS), else 1. Same rule as :func:`init_distributed`."""
+    if "RANK" in os.environ:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("SLURM_NTASKS", "1"))
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     """Initialize torch.distributed (if needed) and megatron-core's model-parallel groups."""
     from megatron.core import parallel_state as ps

@@ -16,6 +16,9 @@
 #                  lines or the sbatch flags that override them, e.g. sbatch --nodes=2).
 #   GPUS_PER_NODE  unset: the allocation's GPUs; 0: run on CPU (gloo) even where GPUs are
 #                  allocated (CUDA_VISIBLE_DEVICES is emptied); N: srun --gpus-per-node=N.
+#   KILL_ON_BAD_EXIT  1 (default): a task that fails ends the step (srun --kill-on-bad-exit=1).
+#                  0: the other tasks may finish (srun --wait=300 then ends them); distill.sh sets it,
+#                  so every task can exit with 75 after a signal and the script sees 75, not a kill.
 #   PARE           the command run (default: `pare`; outside a container ./.venv/bin/pare when
 #                  `pare` is not on PATH, as after `uv sync`).
 set -euo pipefail
@@ -39,7 +42,8 @@ fi
 # launch ARGS...: run `$PARE ARGS...` as one srun step (one process per task; Pare reads its rank
 # from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), in the container when CONTAINER is set.
 launch() {
-  local step=(--kill-on-bad-exit=1)
+  local step=(--kill-on-bad-exit="${KILL_ON_BAD_EXIT:-1}")
+  if [ "${KILL_ON_BAD_EXIT:-1}" = 0 ]; then step+=(--wait=300); fi
   if [ -n "${NODES:-}" ]; then step+=(--nodes="$NODES"); fi
   if [ -n "${TASKS_PER_NODE:-}" ]; then step+=(--ntasks-per-node="$TASKS_PER_NODE"); fi
   case "${GPUS_PER_NODE:-}" in

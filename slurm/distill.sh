@@ -32,6 +32,9 @@ SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/${RECIPE}}
 here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
 # shellcheck source=slurm/common.sh
 source "$here/common.sh"
+# every task exits 75 after saving on a signal: let them all finish rather than kill the rest when
+# the first one exits non-zero, so srun returns 75 and the job requeues
+KILL_ON_BAD_EXIT=${KILL_ON_BAD_EXIT:-0}
 echo "job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}" >&2
 # on preemption the batch shell gets SIGTERM too: a handler (not the default, which would end this
 # shell before it can requeue) lets it wait for srun and requeue below

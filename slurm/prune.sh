@@ -17,8 +17,8 @@ set -euo pipefail
 
 MEGATRON_PATH=${MEGATRON_PATH:-$PWD/checkpoints/olmo3-7b-instruct}
 SCORES_PATH=${SCORES_PATH:-$PWD/scores/olmo3-7b-instruct.pt}
-RECIPE=${RECIPE:-olmo3_7b_width_4p5b}      # or olmo3_7b_depth_4p5b, olmo3_7b_combined_4p5b
-SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/$RECIPE}
+RECIPE=${RECIPE-olmo3_7b_width_4p5b}   # or olmo3_7b_depth_4p5b, olmo3_7b_combined_4p5b; empty: targets as arguments
+SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/${RECIPE:-pruned}}
 TP=${TP:-1}
 PP=${PP:-1}
 
@@ -26,5 +26,5 @@ PP=${PP:-1}
 here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
 # shellcheck source=slurm/common.sh
 source "$here/common.sh"
-launch prune recipe="$RECIPE" megatron_path="$MEGATRON_PATH" scores_path="$SCORES_PATH" \
+launch prune ${RECIPE:+recipe="$RECIPE"} megatron_path="$MEGATRON_PATH" scores_path="$SCORES_PATH" \
   save_path="$SAVE_PATH" tp="$TP" pp="$PP" "$@"
