@@ -27,6 +27,7 @@ COMMANDS = {
     "search": ("pare_nemo.search", "search"),
     "prepare-data": ("pare_nemo.data", "prepare_data"),
     "distill": ("pare_nemo.distill", "distill"),
+    "eval": ("pare_nemo.eval", "evaluate"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 

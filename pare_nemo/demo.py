@@ -10,6 +10,7 @@ and the distilled model's loss on held-out text.
 """
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -44,11 +45,12 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     from pare_nemo.checkpoint import load_model
     from pare_nemo.data import prepare_data
     from pare_nemo.distill import distill
+    from pare_nemo.eval import evaluate
     from recipes.olmo3 import tiny_distill
     from pare_nemo.importance import importance, load_scores
     from pare_nemo.prune import num_params, prune
     from pare_nemo.parallel import distributed, forward_logits
-    from pare_nemo.tiny import make_tiny_olmo3
+    from pare_nemo.tiny import make_tiny_olmo3, pydoc_text
 
     console = Console()
     work = Path(workdir)
@@ -115,6 +117,17 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
          lambda: export_hf(distill(str(mg_dir), str(pruned_dir), str(data_prefix),
                                    str(distilled_dir), tensorboard=False, **recipe),
                            str(distilled_hf)))
+    eval_dir, held_out = work / "eval", work / "held_out.txt"
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    # held-out text: the last 23 of pydoc's 223 documents, which no stage read (training and
+    # importance read its beginning, prepare-data the first 200 documents)
+    held_out.write_text("\n\n\n".join(pydoc_text().split("\n\n\n")[200:]))
+    # the tiny models learnt plain text: no chat template for the task and the generations
+    step("eval teacher / pruned / distilled: held-out loss, pare_pydoc (lm-eval), generation "
+         "speed, report", lambda: evaluate(
+             f"teacher:{mg_dir},pruned:{pruned_dir},distilled:{distilled_dir}", str(held_out),
+             output=str(eval_dir), num_samples=64, seq_length=seq_length, tasks="pare_pydoc",
+             task_limit=100, chat_template=False, max_new_tokens=16, batch_sizes=[1, 8]))
     a, b = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = AutoModelForCausalLM.from_pretrained(out_dir).eval()
@@ -156,15 +169,21 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     m.add_row(f"width prune {num_params(hf.config) / 1e6:.2f}M -> "
               f"{num_params(pruned_model.config) / 1e6:.2f}M params: loss",
               f"{_lm_loss(ref, tokens):.4f} / {pruned_loss:.4f}")
-    distilled = AutoModelForCausalLM.from_pretrained(distilled_hf).eval()
-    with torch.no_grad():
-        distilled_loss = distilled(tokens, labels=tokens).loss.item()
-    m.add_row("LM loss teacher / pruned / distilled",
-              f"{_lm_loss(ref, tokens):.4f} / {pruned_loss:.4f} / {distilled_loss:.4f}")
+    ev = json.loads((eval_dir / "eval.json").read_text())
+    m.add_row("LM loss teacher / pruned / distilled (pare eval)",
+              " / ".join(f"{r['loss']:.4f}" for r in ev))
+    m.add_row("pare_pydoc accuracy teacher / pruned / distilled",
+              " / ".join(f"{r['tasks']['pare_pydoc/acc']:.2f}" for r in ev))
+    m.add_row("tokens/s at batch 1 / 8: teacher -> distilled",
+              f"{ev[0]['speed']['runs'][0]['tokens_per_s']:.0f} / "
+              f"{ev[0]['speed']['runs'][1]['tokens_per_s']:.0f} -> "
+              f"{ev[2]['speed']['runs'][0]['tokens_per_s']:.0f} / "
+              f"{ev[2]['speed']['runs'][1]['tokens_per_s']:.0f}")
     m.add_row("least important layers (Block Influence)", str(scores["layer"].argsort().tolist()))
     m.add_row("least important layers (loss when skipped)",
               str(scores["layer_loss"].argsort().tolist()))
     console.print(m)
-    console.print(f"outputs in {work.resolve()} (importance report: {scores_path.with_suffix('.png')})")
+    console.print(f"outputs in {work.resolve()} (importance report: {scores_path.with_suffix('.png')}"
+                  f"; compression report: {eval_dir / 'report' / 'report.md'})")
     if not identical or (out - ref).abs().max() > 1e-4:
         raise SystemExit("demo: parity check failed")

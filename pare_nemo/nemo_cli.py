@@ -1,6 +1,6 @@
 """NeMo-Run entrypoints: ``nemo llm <command> …`` for every ``pare`` command (import, export,
-importance, prune, search, prepare-data, distill, demo), registered through the ``nemo_run.cli``
-entry-point group in pyproject.toml. They call the very functions ``pare
+importance, prune, search, prepare-data, distill, eval, demo), registered through the
+``nemo_run.cli`` entry-point group in pyproject.toml. They call the very functions ``pare
 <command>`` calls, with the same typed arguments (read from the source by :mod:`pare_nemo.cli`, so
 registering them imports no stage module). Recipes of ``recipes/olmo3.py`` are factories:
 ``nemo llm prune --factory olmo3_7b_width_4p5b …``."""

@@ -151,3 +151,54 @@ def tiny_distill() -> DistillRecipe:
 
 DISTILL_RECIPES = (olmo3_7b_distill_width, olmo3_7b_distill_depth, olmo3_7b_distill_combined,
                    tiny_distill)
+
+
+# lm-eval tasks for the compression report (pare_nemo/report.py): the papers' benchmarks, with
+# IFEval for an Instruct model
+OLMO3_EVAL_TASKS = "mmlu,hellaswag,arc_challenge,gsm8k,ifeval"
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """Arguments of ``pare eval`` / ``nemo llm eval --factory <name>``: the teacher, the pruned
+    student and the distilled one, named, at the paths ``slurm/prune.sh`` and ``slurm/distill.sh``
+    write by default, on the validation split of the distillation data (held out from it)."""
+
+    checkpoints: str  # name:path,name:path
+    data: str
+    output: str
+    num_samples: int = 256
+    seq_length: int = 8192
+    micro_batch_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    tasks: str = OLMO3_EVAL_TASKS
+    max_new_tokens: int = 128
+
+
+def _eval_checkpoints(axis: str) -> str:
+    """Teacher, pruned (slurm/prune.sh's SAVE_PATH) and distilled (slurm/distill.sh's)."""
+    return (f"teacher:checkpoints/olmo3-7b-instruct,pruned:checkpoints/olmo3_7b_{axis}_4p5b,"
+            f"distilled:checkpoints/olmo3_7b_distill_{axis}")
+
+
+def olmo3_7b_eval_width() -> EvalRecipe:
+    """Olmo 3 7B vs its width-pruned 4.5B student before and after distillation: held-out loss on
+    256 x 8192 tokens of the distillation blend's validation split; DP=8 on one node."""
+    return EvalRecipe(checkpoints=_eval_checkpoints("width"), data=OLMO3_DISTILL_DATA,
+                      output="eval/olmo3_7b_width")
+
+
+def olmo3_7b_eval_depth() -> EvalRecipe:
+    """Olmo 3 7B vs its depth-pruned 4.5B student before and after distillation."""
+    return EvalRecipe(checkpoints=_eval_checkpoints("depth"), data=OLMO3_DISTILL_DATA,
+                      output="eval/olmo3_7b_depth")
+
+
+def olmo3_7b_eval_combined() -> EvalRecipe:
+    """Olmo 3 7B vs its width+depth-pruned 4.5B student before and after distillation."""
+    return EvalRecipe(checkpoints=_eval_checkpoints("combined"), data=OLMO3_DISTILL_DATA,
+                      output="eval/olmo3_7b_combined")
+
+
+EVAL_RECIPES = (olmo3_7b_eval_width, olmo3_7b_eval_depth, olmo3_7b_eval_combined)

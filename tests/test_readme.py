@@ -12,7 +12,8 @@ nothing runs. ``test_readme_line`` then runs them:
   the recipe's target error, which proves the CLI -> recipe -> prune path.
 - ``uv run pytest``: this suite itself (not run recursively).
 - ``uv run python benchmarks/….py``: with PARE_BENCH_SMOKE=1 (each benchmark shrinks to a smoke run).
-- ``[VAR=value …] sbatch …``: under stand-ins for now (real Slurm comes in a later issue): a fake
+- ``[VAR=value …] sbatch …``: under stand-ins that check the command lines (tests/test_slurm.py
+  runs the scripts under a real one-node Slurm; the README's lines include container ones): a fake
   ``sbatch`` runs the script at once as a one-node job, a fake ``srun`` runs the command as one local
   task (or, given a container image, only records the command line, which is then checked), a fake
   ``scontrol`` names localhost. They run in README order in a second temporary directory (the
@@ -56,6 +57,10 @@ SUBSTITUTIONS = {
     "layers=[24,28,32]": "layers=[3,4]",
     "recipe=olmo3_7b_distill_width": "recipe=tiny_distill train_steps=10",
     "num_workers=8": "num_workers=2",
+    "num_samples=256": "num_samples=8",
+    # lm-eval's tasks need the Hub: Pare's local task, a few documents, short generations
+    "tasks=mmlu,hellaswag,arc_challenge,gsm8k,ifeval":
+        "tasks=pare_pydoc task_limit=10 max_new_tokens=4 batch_sizes=[1,2]",
 }
 # The same for the Slurm scripts' own 7B defaults: the stand-in job's environment (a VAR=value the
 # README line sets wins).
@@ -81,7 +86,7 @@ NOT_RUNNABLE = {
 
 # the output each stage writes, checked to exist after its line ran
 OUTPUT = {"import": "megatron_path", "export": "hf_path", "importance": "scores_path",
-          "prune": "save_path", "distill": "save_path"}
+          "prune": "save_path", "distill": "save_path", "eval": "output"}
 
 
 # --- the README's command lines ---

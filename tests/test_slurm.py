@@ -2,8 +2,8 @@
 users run them: `sbatch slurm/<stage>.sh` from the repository root, settings in the environment,
 resource flags overriding the GPU defaults (`--gpus-per-node=0`), 2 tasks where a stage is parallel.
 
-- the pipeline: import -> importance (DP=2) -> prune -> distill (DP=2) -> export, each job
-  COMPLETED, and the exported model loads in transformers;
+- the pipeline: import -> importance (DP=2) -> prune -> distill (DP=2) -> export -> eval (DP=2),
+  each job COMPLETED, the exported model loads in transformers and evaluates as its checkpoint;
 - preemption: `scancel --signal=USR1` mid-run -> the tasks save and exit 75 -> the script requeues
   the job -> it runs again with SLURM_RESTART_COUNT=1, resumes and ends on the uninterrupted run's
   losses (bitwise: CPU, fp32);
@@ -129,6 +129,11 @@ def pipeline(cluster, work):
             "HF_HOME": str(w / "hf_home")}
     jobs["export"] = completed(cluster, submit(cluster, "export.sh", CPU_FLAGS + ONE_TASK, eenv,
                                                out=w / "export.out"))
+    venv = {"RECIPE": "", "OUTPUT": str(w / "eval"), "HF_HOME": str(w / "hf_home")}
+    jobs["eval"] = completed(cluster, submit(
+        cluster, "eval.sh", CPU_FLAGS + TWO_TASKS, venv, out=w / "eval.out",
+        args=(f"checkpoints=teacher:{w / 'mg'},distilled:{w / 'distilled'},{w / 'export'}",
+              f"data={w / 'data'}", "num_samples=8", "seq_length=64", "report=false")))
     return {"jobs": jobs, "denv": denv}
 
 
@@ -138,7 +143,8 @@ def test_pipeline_stages_complete_and_export_loads(pipeline, work):
 
     jobs = pipeline["jobs"]
     assert all(j["JobState"] == "COMPLETED" for j in jobs.values())
-    assert jobs["importance"]["NumTasks"] == "2" and jobs["distill"]["NumTasks"] == "2"
+    assert jobs["importance"]["NumTasks"] == jobs["distill"]["NumTasks"] == "2"
+    assert jobs["eval"]["NumTasks"] == "2"
     out = (work / "distill.out").read_text(errors="replace")
     assert "restart 0" in out and "--kill-on-bad-exit=0" in out, out[-3000:]
     rows = losses(work / "distilled")
@@ -147,6 +153,9 @@ def test_pipeline_stages_complete_and_export_loads(pipeline, work):
     assert model.config.hidden_size == 48 and model.config.intermediate_size == 128
     ids = torch.arange(20).unsqueeze(0)
     assert torch.isfinite(model(ids).logits).all()
+    ev = {r["name"]: r for r in json.loads((work / "eval" / "eval.json").read_text())}
+    assert ev["distilled"]["parallel"]["dp"] == 2  # the Megatron checkpoints ran at DP=2
+    assert abs(ev["distilled"]["loss"] - ev["export"]["loss"]) < 1e-4  # its export: the same
 
 
 def test_preempted_then_killed_job_resumes_on_the_same_curve(cluster, pipeline, work):
