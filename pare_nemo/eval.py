@@ -495,9 +495,7 @@ def evaluate(checkpoints: str, data: str, output: str = "eval.json", num_samples
                             "parallel": par, **data_info})
         if rank0:
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.partial")
-            tmp.write_text(json.dumps(results, indent=2))
-            os.replace(tmp, out)
+            write_results(out, results)
             print_table(results)
             print(f"results: {out}")
         dist.barrier()
@@ -533,9 +531,7 @@ def compression_report(results: list[dict], out: Path, tasks: list[str],
         r["samples"] = rep.sample_generations(hf_dir, rep.PROMPTS[:rep.SAMPLES],
                                               max_new_tokens=max_new_tokens,
                                               chat_template=chat_template)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    write_results(out, results)  # the losses were written before; now with tasks and speed
     md = rep.write_report(results, str(out.parent / REPORT_DIR), prompts=rep.PROMPTS[:rep.SAMPLES],
                           overwrite=overwrite)
     print(f"report: {md} (+ {md.with_suffix('.png').name})", flush=True)
@@ -543,6 +539,13 @@ def compression_report(results: list[dict], out: Path, tasks: list[str],
 
 
 REPORT_DIR = "report"
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    """eval.json, atomically (a temporary file renamed)."""
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
 
 
 def _fmt(n: int) -> str:
