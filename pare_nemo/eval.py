@@ -514,11 +514,13 @@ def compression_report(results: list[dict], out: Path, tasks: list[str],
     ``results`` and eval.json, and the side-by-side report in ``<output dir>/report``."""
     from conversion.convert import export_hf
     from pare_nemo import report as rep
+    from pare_nemo.parallel import this_process_alone
 
     for r in results:
         hf_dir = r["path"]
-        if r["kind"] == "megatron":
-            hf_dir = export_hf(r["path"], str(out.parent / "hf" / r["name"]), overwrite=True)
+        if r["kind"] == "megatron":  # rank 0 alone: the other ranks have left the job's group
+            with this_process_alone():
+                hf_dir = export_hf(r["path"], str(out.parent / "hf" / r["name"]), overwrite=True)
             r["hf_path"] = str(hf_dir)
         print(f"report: {r['name']}: generation speed, samples"
               + (f", tasks {','.join(tasks)}" if tasks else ""), flush=True)

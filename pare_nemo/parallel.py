@@ -41,6 +41,22 @@ def world_size() -> int:
     return int(os.environ.get("SLURM_NTASKS", "1"))
 
 
+# what tells a process it is one rank of a job (torchrun's, srun's, the rendezvous)
+_JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def this_process_alone():
+    """The body runs as a job of one process (``distributed`` inside it makes a local group),
+    whatever launched it: for work one rank does after the job's group is gone, such as rank 0
+    exporting checkpoints for the eval report while the other ranks have exited."""
+    saved = {k: os.environ.pop(k) for k in _JOB_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     """Initialize torch.distributed (if needed) and megatron-core's model-parallel groups."""
     from megatron.core import parallel_state as ps

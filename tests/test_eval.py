@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -231,3 +232,21 @@ def test_eval_recipes():
                                 "distilled:checkpoints/olmo3_7b_distill_depth")
     script = (Path(__file__).resolve().parents[1] / "slurm" / "eval.sh").read_text()
     assert 'launch eval ${RECIPE:+recipe="$RECIPE"}' in script
+
+
+def test_one_rank_runs_alone_after_the_job(monkeypatch):
+    """The report's exports run in rank 0 after the other ranks left: `this_process_alone` makes
+    `distributed` build a one-process group even where the launcher said WORLD_SIZE=2 (without
+    it rank 0 would wait for rank 1 forever), and gives the job's variables back afterwards."""
+    import torch.distributed as dist
+
+    from pare_nemo.parallel import distributed, free_port, this_process_alone
+
+    job = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    for k, v in job.items():
+        monkeypatch.setenv(k, v)
+    with this_process_alone(), distributed(1, 1):
+        assert dist.get_world_size() == 1
+    assert not dist.is_initialized()
+    assert {k: os.environ[k] for k in job} == job
