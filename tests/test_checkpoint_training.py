@@ -19,6 +19,7 @@ saving after iterations 2 and 3 and, asynchronously, 4, keeping the last 2. Then
 - the checkpoint directory loads with load_model (weights only).
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -80,8 +81,12 @@ def test_resume_at_another_dp_size(runs):
     half = runs["dir"] / "iter_0000005"
     half.mkdir()
     (half / "__0_0.distcp").write_bytes(b"partial")
+    threads = len(os.listdir("/proc/self/task"))
     with distributed():
         c = train_run(runs["ckpt"], runs["tokens"], STEPS, runs["dir"], resume=True)
+    # the process groups went with the run (each gloo group holds threads; ~60 groups' worth stayed
+    # alive in reference cycles until destroy_distributed collected them)
+    assert len(os.listdir("/proc/self/task")) < threads + 30
     assert c["resumed"]["state"]["iteration"] == 4
     assert_same_state(c["resumed"], a["saved"][4])
     d = max(abs(c["loss"][it] - a["loss"][it]) for it in range(4, STEPS))
