@@ -104,8 +104,8 @@ def destroy_distributed() -> None:
 def distributed(tp: int = 1, pp: int = 1):
     """``with distributed(tp, pp): ...``; tears the groups down only if it created them."""
     created = not dist.is_initialized()
-    init_distributed(tp, pp)
     try:
+        init_distributed(tp, pp)
         yield
     finally:
         if created:

@@ -56,3 +56,17 @@ def trained(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "hf")
     mg = import_hf(str(root / "hf"), str(root / "mg"))
     return {"hf": root / "hf", "mg": mg, "held": held, "root": root}
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """A test that leaves torch.distributed initialized makes later tests reuse its group (and keep
+    its gloo threads): fail that test, and clean up for the next."""
+    yield
+    import sys
+
+    if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+        from pare_nemo.parallel import destroy_distributed
+
+        destroy_distributed()
+        pytest.fail("the test left torch.distributed initialized")
