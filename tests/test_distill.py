@@ -86,19 +86,21 @@ def run_distill(env, save, student="width", **kw):
     return distill(**args)
 
 
-def test_kd_beats_pruned_scratch_and_ce(env, tmp_path):
+def test_kd_beats_pruned_and_scratch(env, tmp_path):
     """On real text, 60 steps x 1024 tokens: distilling the pruned student from its teacher
     recovers most of the held-out loss pruning cost and beats the same architecture trained from
     random init on the same tokens by far. Measured here (2-core CPU): teacher 3.599, pruned 4.094,
-    distilled 3.654, random init 5.276; CE-only fine-tuning of the pruned student 3.577 (printed,
-    not asserted: this teacher saw only ~70k tokens, so fitting the text itself beats imitating
-    it; the papers' claim KD > CE is for a strong teacher and is not reproduced at this scale)."""
+    distilled 3.654, random init 5.276. (CE-only fine-tuning of the pruned student gave 3.577 and is
+    not run here: this teacher saw only ~70k tokens, so fitting the text itself beats imitating it;
+    the papers' claim KD > CE is for a strong teacher and does not hold at this scale.)
+    Over data-order seeds 1, 2, 3 (pruned 4.166 on that run): distilled 3.672 / 3.670 / 3.672,
+    random init 5.304 / 5.275 / 5.283, so gaps of 0.494-0.496 to pruned and 1.61-1.63 to random
+    init, a spread of ~0.03 against margins of 0.2 and 0.5."""
     steps = dict(train_steps=60, save_interval=60)
     losses = {
         "teacher": held_out_loss(env["teacher"], env["held"]),
         "pruned": held_out_loss(env["width"], env["held"]),
         "kd": held_out_loss(run_distill(env, tmp_path / "kd", **steps), env["held"]),
-        "ce": held_out_loss(run_distill(env, tmp_path / "ce", alpha=1.0, **steps), env["held"]),
         "scratch": held_out_loss(run_distill(env, tmp_path / "scratch", student="scratch",
                                              alpha=1.0, **steps), env["held"]),
     }
@@ -119,10 +121,12 @@ def test_student_equal_to_teacher_has_zero_kd(env, tmp_path):
     assert all(abs(v) < 1e-5 for k, v in row.items() if k.startswith("layer")), row
 
 
-def test_resume_after_sigkill_and_sigterm_continues_the_same_curve(env, tmp_path):
-    """An uninterrupted run vs the same command killed (SIGKILL at a random moment after its first
-    checkpoint) and restarted, and vs one stopped by SIGTERM (saves, exits 75) and restarted:
-    the same losses step for step, bitwise (CPU, same thread count: the same arithmetic)."""
+def test_resume_after_sigterm_continues_the_same_curve(env, tmp_path):
+    """An uninterrupted run vs the same command stopped by SIGTERM at a random moment after its
+    first checkpoint (saves, exits 75) and restarted: the same losses step for step, bitwise (CPU,
+    same thread count: the same arithmetic). (A SIGKILLed run resuming from its last complete
+    checkpoint on the same curve is tests/test_slurm.py's, under a real Slurm with scontrol
+    requeue; a half-written checkpoint being ignored is test_half_written_checkpoint_is_ignored's.)"""
     base = ["train_steps=24", "save_interval=4", "keep_last=2", "global_batch_size=16",
             "micro_batch_size=8", "seq_length=64", "lr=3e-3", "min_lr=3e-4", "warmup_steps=2",
             "log_interval=4", "tensorboard=false"]
@@ -136,35 +140,30 @@ def test_resume_after_sigkill_and_sigterm_continues_the_same_curve(env, tmp_path
     full = metrics(tmp_path / "full")
     assert [r["step"] for r in full] == list(range(1, 25))
 
-    for sig, name in ((signal.SIGKILL, "killed"), (signal.SIGTERM, "termed")):
-        save = tmp_path / name
-        log = tmp_path / f"{name}.log"
-        with open(log, "w") as f:  # own session: SIGKILL takes its whole process group, as Slurm
-            p = subprocess.Popen(cmd(save), env=penv, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # does (megatron's writer process too)
-        tracker = save / "latest_checkpointed_iteration.txt"
-        while not tracker.exists() and p.poll() is None:
-            time.sleep(0.05)
-        time.sleep(float(torch.rand(()) * 1.5))
-        if sig == signal.SIGKILL:
-            os.killpg(p.pid, sig)
-        else:
-            p.send_signal(sig)
-        p.wait(timeout=300)
-        out = log.read_text()
-        if sig == signal.SIGTERM and int(tracker.read_text()) < 24:
-            assert p.returncode == 75, out[-2000:]
-            assert "SIGTERM" in out
-        saved = int(tracker.read_text())
-        assert (save / f"iter_{saved:07d}").is_dir()
-        r = subprocess.run(cmd(save), env=penv, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        if saved < 24:
-            assert f"resuming {save} at step {saved}" in r.stdout + r.stderr
-        resumed = metrics(save)
-        assert [x["step"] for x in resumed] == list(range(1, 25))
-        keys = ("loss", "kd", "grad_norm", "lr")
-        assert [[x[k] for k in keys] for x in resumed] == [[x[k] for k in keys] for x in full]
+    save = tmp_path / "termed"
+    log = tmp_path / "termed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd(save), env=penv, stdout=f, stderr=subprocess.STDOUT)
+    tracker = save / "latest_checkpointed_iteration.txt"
+    while not tracker.exists() and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(float(torch.rand(()) * 1.5))
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=300)
+    out = log.read_text()
+    if int(tracker.read_text()) < 24:
+        assert p.returncode == 75, out[-2000:]
+        assert "SIGTERM" in out
+    saved = int(tracker.read_text())
+    assert (save / f"iter_{saved:07d}").is_dir()
+    r = subprocess.run(cmd(save), env=penv, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    if saved < 24:
+        assert f"resuming {save} at step {saved}" in r.stdout + r.stderr
+    resumed = metrics(save)
+    assert [x["step"] for x in resumed] == list(range(1, 25))
+    keys = ("loss", "kd", "grad_norm", "lr")
+    assert [[x[k] for k in keys] for x in resumed] == [[x[k] for k in keys] for x in full]
     # keep_last=2: only the two newest iterations stay
     assert sorted(p.name for p in (tmp_path / "full").glob("iter_*")) == ["iter_0000020",
                                                                          "iter_0000024"]
