@@ -24,7 +24,7 @@ CHILD = """
 import resource, sys, time, psutil
 from pare_nemo.cli import quiet; quiet()
 import conversion.convert as c
-import transformers, pare_nemo.model  # imports are not conversion: measured before the clock
+import transformers, pare_nemo.olmo3.model  # imports are not conversion: measured before the clock
 from transformers import Olmo3Config
 base = psutil.Process().memory_info().rss
 t = time.perf_counter()
@@ -39,7 +39,7 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2**30, hidden: i
                     vocab: int = 50304) -> int:
     from safetensors.torch import save_file
 
-    from conversion.olmo3 import hf_shapes
+    from pare_nemo.olmo3.bridge import hf_shapes
     from pare_nemo.tiny import make_tokenizer, tiny_config
 
     cfg = tiny_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,

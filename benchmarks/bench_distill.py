@@ -21,8 +21,8 @@ SMOKE = bool(os.environ.get("PARE_BENCH_SMOKE"))
 
 
 def build(hf_config, dtype):
-    from conversion.olmo3 import megatron_config, padded_vocab_size
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.bridge import megatron_config, padded_vocab_size
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device
 
     cfg = megatron_config(hf_config, dtype=dtype, calculate_per_token_loss=True)

@@ -38,8 +38,8 @@ def main():
     quiet()
     from transformers import Olmo3ForCausalLM
 
-    from conversion import olmo3 as bridge
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3 import bridge
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
     from pare_nemo.tiny import tiny_config
 

@@ -73,7 +73,7 @@ fi
 
 "$PYTHON" -W ignore - <<'EOF'
 import torch, transformers, megatron.core
-from pare_nemo.model import have_te
+from pare_nemo.olmo3.model import have_te
 print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, transformers "
       f"{transformers.__version__}, megatron-core {megatron.core.__version__}, "
       f"Transformer Engine: {'yes' if have_te() else 'no'}")

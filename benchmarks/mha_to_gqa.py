@@ -18,12 +18,12 @@ def main():
     from pare_nemo.cli import quiet
 
     quiet()
-    from conversion import olmo3 as bridge
+    from pare_nemo.olmo3 import bridge
     from conversion.convert import import_hf
     from pare_nemo.checkpoint import load_model, read_model_config
     from pare_nemo.data import load_token_data
     from pare_nemo.importance import importance, lm_loss, load_scores
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import distributed
     from pare_nemo.prune import apply_plan, num_params, plan
     from pare_nemo.tiny import make_tokenizer, random_olmo3, tiny_config, train_briefly

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conversion import olmo3 as bridge
+from pare_nemo.olmo3 import bridge
 from pare_nemo.checkpoint import (
     TOKENIZER_DIR,
     atomic_output_dir,
@@ -198,7 +198,7 @@ def check_tokenizer(tok_dir: Path, hf_config, given: bool) -> list[Path]:
 def import_hf(hf_path: str, megatron_path: str, overwrite: bool = False,
               dtype: str | None = None, tokenizer_path: str | None = None) -> Path:
     """HF Olmo 3 directory or Hub id -> Pare Megatron checkpoint (loadable at any TP/PP)."""
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import distributed
 
     if dtype is not None and dtype not in DTYPES:

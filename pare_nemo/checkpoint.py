@@ -214,12 +214,12 @@ def load_model(path: str | os.PathLike, parallel_output: bool = False, dtype=Non
                uneven_pipeline: bool = False, **config_overrides):
     """Build this rank's part of the model at the current TP/PP and load the checkpoint into it.
     Returns (model, hf_config). ``uneven_pipeline``: a layer count PP does not divide is split
-    unevenly (``conversion.olmo3.pipeline_split``) instead of refused."""
+    unevenly (``pare_nemo.olmo3.bridge.pipeline_split``) instead of refused."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from conversion.olmo3 import check_parallel_sizes, megatron_config
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.bridge import check_parallel_sizes, megatron_config
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device
 
     hf_config, padded_vocab, saved_dtype = read_model_config(path)

@@ -143,7 +143,7 @@ def pairing(student_config, teacher_config, plan: dict | None, intermediate: str
 
 
 def stage_of(layer: int, num_layers: int, pp: int) -> int:
-    from conversion.olmo3 import pipeline_split
+    from pare_nemo.olmo3.bridge import pipeline_split
 
     end = 0
     for stage, n in enumerate(pipeline_split(num_layers, pp)):
@@ -155,7 +155,7 @@ def stage_of(layer: int, num_layers: int, pp: int) -> int:
 
 def check_pairs_on_stages(p: Pairing, ls: int, lt: int, pp: int, embedding_weight: float):
     """Under pipeline parallelism both layers of a pair must live on one stage."""
-    from conversion.olmo3 import pipeline_split
+    from pare_nemo.olmo3.bridge import pipeline_split
 
     if pp == 1:
         return
@@ -493,7 +493,7 @@ def distill(teacher_path: str, student_path: str, data: str, save_path: str,
             seed: int = 1234, on_nan: str = "skip", tensorboard: bool = True) -> str:
     """Distill a pruned student from its teacher (logit KD + optional intermediate losses)."""
     args = _run_args(dict(locals()))
-    from conversion.olmo3 import check_parallel_sizes
+    from pare_nemo.olmo3.bridge import check_parallel_sizes
     from pare_nemo.checkpoint import read_model_config
     from pare_nemo.data import check_seq_length
     from pare_nemo.parallel import world_size
@@ -551,7 +551,7 @@ def _train(args: dict, save: Path, resume: bool, tc, sc, s_padded, pairs: Pairin
 
     from pare_nemo import checkpoint as ckpt
     from pare_nemo.data import batch_at
-    from pare_nemo.model import document_ids
+    from pare_nemo.olmo3.model import document_ids
     from pare_nemo.parallel import device, distributed
     from pare_nemo.train import REQUEUE_EXIT_CODE, StopSignals, run_step, setup_training
 

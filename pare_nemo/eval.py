@@ -346,7 +346,7 @@ def evaluate(checkpoints: str, data: str, output: str = "eval.json", num_samples
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from conversion.olmo3 import check_parallel_sizes
+    from pare_nemo.olmo3.bridge import check_parallel_sizes
     from pare_nemo.checkpoint import read_model_config
     from pare_nemo.data import (
         PYDOC,
@@ -357,7 +357,7 @@ def evaluate(checkpoints: str, data: str, output: str = "eval.json", num_samples
         tokenizer_fingerprint,
     )
     from pare_nemo.distill import check_data, parse_data
-    from pare_nemo.model import document_ids
+    from pare_nemo.olmo3.model import document_ids
     from pare_nemo.parallel import distributed, world_size
 
     # ---- everything checked before any work

@@ -194,7 +194,7 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from conversion.olmo3 import check_parallel_sizes
+    from pare_nemo.olmo3.bridge import check_parallel_sizes
     from pare_nemo.checkpoint import TOKENIZER_DIR, check_output_dir, load_model, read_model_config
     from pare_nemo.data import NotEnoughData, load_token_data
     from pare_nemo.parallel import distributed

@@ -125,7 +125,7 @@ def run_forward(model, tokens: torch.Tensor, mask: torch.Tensor | None = None,
     every stage just before that stage runs a micro-batch and may return a loss function (then its
     reduced dicts are returned) or None (then the model outputs are). Returns the last stage's
     results (empty on other stages); ``progress.update(n)`` is called after each chunk.
-    ``document_ids`` [N, S] (packed rows, see ``pare_nemo.model.document_ids``): each token attends
+    ``document_ids`` [N, S] (packed rows, see ``pare_nemo.olmo3.model.document_ids``): each token attends
     only to its own document, with RoPE positions restarting per document (the model's
     ``attention_mask``)."""
     from megatron.core import parallel_state as ps

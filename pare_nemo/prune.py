@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from conversion import olmo3 as bridge
+from pare_nemo.olmo3 import bridge
 
 LAYER_METRICS = ("layer", "layer_loss", "block")
 
@@ -341,7 +341,7 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
         save_model,
     )
     from pare_nemo.importance import load_scores
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
 
     targets = dict(target_ffn_hidden_size=target_ffn_hidden_size,

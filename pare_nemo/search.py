@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from conversion import olmo3 as bridge
+from pare_nemo.olmo3 import bridge
 from pare_nemo.prune import LAYER_METRICS, depth_scores, num_params, plan, validate_scores
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -73,7 +73,7 @@ def search(megatron_path: str, scores_path: str, budget: float, data: str,
     from pare_nemo.checkpoint import TOKENIZER_DIR, load_model, read_model_config
     from pare_nemo.data import NotEnoughData, check_seq_length, load_token_data
     from pare_nemo.importance import lm_loss, load_scores
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
     from pare_nemo.prune import apply_plan
 

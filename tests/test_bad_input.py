@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conversion import olmo3 as bridge
+from pare_nemo.olmo3 import bridge
 from conversion.convert import CheckpointError, export_hf, import_hf
 
 

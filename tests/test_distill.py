@@ -234,7 +234,7 @@ def test_parallel_runs_follow_tp1(env, tp1_run, tmp_path, layout):
 def test_depth_student_with_uneven_pipeline_split(env, tmp_path):
     """A 3-layer student at PP=2 (stages of 2 and 1 layers; the 4-layer teacher 2 and 2) follows
     its PP=1 loss curve (fp32, 1e-4 relative); at PP=2 importance still refuses 3 layers."""
-    from conversion.olmo3 import check_parallel_sizes, pipeline_split
+    from pare_nemo.olmo3.bridge import check_parallel_sizes, pipeline_split
     from pare_nemo.checkpoint import read_model_config
     from tests.dist_workers import spawn
     from tests.distill_workers import distill_worker

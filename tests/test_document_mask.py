@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pare_nemo.checkpoint import load_model
-from pare_nemo.model import _segments, causal_attention, document_ids
+from pare_nemo.olmo3.model import _segments, causal_attention, document_ids
 from pare_nemo.parallel import distributed, forward_logits
 
 # Two packed rows of 48 tokens (> the sliding window of 8), documents ending with EOS.

@@ -1,4 +1,4 @@
-"""FlexAttention block masks of pare_nemo.model at the issue's size (S = 8192, sliding window 4096):
+"""FlexAttention block masks of pare_nemo.olmo3.model at the issue's size (S = 8192, sliding window 4096):
 they equal the dense mask (element by element and block by block), they skip what the window and
 the documents exclude, they can be built without an S x S tensor, and the compiled FlexAttention
 kernel is not recompiled for every sequence length.
@@ -6,7 +6,7 @@ kernel is not recompiled for every sequence length.
 How the masks are built. ``create_block_mask`` run eagerly evaluates ``mask_mod`` over the whole
 [B, H, S, S] grid (torch's ``create_mask``): at S = 8192 the sliding mask's ``q_idx - kv_idx``
 alone is a 512 MiB int64 tensor, and the process's resident memory grows by ~640 MiB (measured
-here). Compiled (``torch.compile(create_block_mask)``, which pare_nemo.model uses for document masks
+here). Compiled (``torch.compile(create_block_mask)``, which pare_nemo.olmo3.model uses for document masks
 on GPU) it fuses the evaluation into the per-block reduction and allocates no S x S tensor: the
 test below measures its peak resident memory on CPU (~0 MiB above the result, compiled in ~7 s).
 The eager build is the control that shows the measurement sees S x S tensors.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pare_nemo import model as pm
+from pare_nemo.olmo3 import model as pm
 
 S, W, BLOCK = 8192, 4096, 128
 NB = S // BLOCK  # 64 blocks per side
@@ -126,7 +126,7 @@ def peak_extra_mib(fn):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_compiled_block_masks_need_no_s_by_s_tensor():
-    """pare_nemo.model's compiled create_block_mask (used for document masks on GPU) builds the
+    """pare_nemo.olmo3.model's compiled create_block_mask (used for document masks on GPU) builds the
     S = 8192 masks with a peak far below one S x S bool (64 MiB), and gives the eager masks."""
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conversion import olmo3 as bridge
-from pare_nemo.model import build_olmo3_model
+from pare_nemo.olmo3 import bridge
+from pare_nemo.olmo3.model import build_olmo3_model
 from pare_nemo.parallel import distributed, forward_logits
 from pare_nemo.tiny import random_olmo3, tiny_config
 
@@ -59,7 +59,7 @@ def test_sliding_window_matters():
 
 
 def test_torch_path_chosen_without_transformer_engine():
-    from pare_nemo.model import have_te, olmo3_layer_spec
+    from pare_nemo.olmo3.model import have_te, olmo3_layer_spec
 
     spec = olmo3_layer_spec()
     linear = spec.submodules.self_attention.submodules.linear_qkv
@@ -69,7 +69,7 @@ def test_torch_path_chosen_without_transformer_engine():
 def test_flex_sliding_window_path_equals_sdpa():
     """The GPU path for sliding layers (compiled FlexAttention with a block mask) computes the same
     function as the CPU path (SDPA with a boolean mask); checked here on CPU."""
-    from pare_nemo.model import causal_attention
+    from pare_nemo.olmo3.model import causal_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 256, 16, generator=g) for n in (4, 2, 2))

@@ -1,4 +1,4 @@
-"""Training-grade numerics: the RMS norms' autograd Function (pare_nemo.model._RMSNormFunction) and
+"""Training-grade numerics: the RMS norms' autograd Function (pare_nemo.olmo3.model._RMSNormFunction) and
 megatron's SwiGLU fusion.
 
 - The norm computes transformers' function (fp32 statistics, weight applied in fp32): fp32 values
@@ -13,8 +13,8 @@ megatron's SwiGLU fusion.
 import pytest
 import torch
 
-from conversion import olmo3 as bridge
-from pare_nemo.model import Olmo3QKNorm, fusions, olmo3_layer_spec, rms_norm
+from pare_nemo.olmo3 import bridge
+from pare_nemo.olmo3.model import Olmo3QKNorm, fusions, olmo3_layer_spec, rms_norm
 from pare_nemo.parallel import distributed
 from pare_nemo.tiny import tiny_config
 from tests.dist_workers import spawn

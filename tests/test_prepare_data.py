@@ -9,7 +9,7 @@ import torch
 
 from pare_nemo import data as D
 from pare_nemo.data import DataError, batch_at, prepare_data, training_dataset
-from pare_nemo.model import document_ids
+from pare_nemo.olmo3.model import document_ids
 from pare_nemo.tiny import pydoc_text
 
 S, GBS = 64, 16

@@ -10,7 +10,7 @@ order differ by ~1e-7 relative; 1e-5 leaves room for that and still catches any 
 import pytest
 import torch
 
-from conversion import olmo3 as bridge
+from pare_nemo.olmo3 import bridge
 from pare_nemo.parallel import distributed
 from tests.dist_workers import spawn
 from tests.training_workers import grads_worker, megatron_grads
@@ -75,7 +75,7 @@ def test_rope_stays_fp32_under_float16module(megatron_gqa):
     from megatron.core.transformer.module import Float16Module
 
     from pare_nemo.checkpoint import load_model
-    from pare_nemo.model import rope_for_layer_type
+    from pare_nemo.olmo3.model import rope_for_layer_type
 
     s = 1000
     tokens = torch.randint(0, 500, (1, s), generator=torch.Generator().manual_seed(0))

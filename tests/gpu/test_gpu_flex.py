@@ -1,5 +1,5 @@
 """FlexAttention (compiled, block masks) vs SDPA with the dense boolean mask, on CUDA in bf16, through
-``pare_nemo.model.causal_attention(use_flex=True / False)``: sliding window 4096 at S = 8192, and
+``pare_nemo.olmo3.model.causal_attention(use_flex=True / False)``: sliding window 4096 at S = 8192, and
 packed documents; outputs and gradients. Also: the compiled kernel is not recompiled for every
 sequence length, and the block masks are built without an S x S tensor on the GPU.
 
@@ -29,7 +29,7 @@ def qkv(b, s, seed):
 
 def run(q, k, v, grad, window, doc_ids, use_flex, dtype):
     """Output and (dq, dk, dv) of causal_attention on copies of q, k, v in ``dtype``."""
-    from pare_nemo.model import causal_attention
+    from pare_nemo.olmo3.model import causal_attention
 
     x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out = causal_attention(*x, window, SCALE, use_flex=use_flex, doc_ids=doc_ids)
@@ -57,7 +57,7 @@ def test_flex_equals_sdpa_sliding_window_8192():
     print(f"\nsliding window {W}, S={S}, bf16, {HEADS} heads / {KV_HEADS} KV heads")
     out = compare(W, None, 1)
     q, k, v = qkv(1, S, seed=1)
-    from pare_nemo.model import causal_attention
+    from pare_nemo.olmo3.model import causal_attention
 
     with torch.no_grad():
         plain = causal_attention(q.float(), k.float(), v.float(), None, SCALE)
@@ -83,7 +83,7 @@ def test_compiled_once_for_varying_lengths(docs):
     """torch.compile(dynamic=None): the first length compiles static kernels, the second dynamic
     ones, later lengths compile nothing (the document path also compiles create_block_mask, so up
     to 4 graphs there). Window 512 is used by no other test."""
-    from pare_nemo.model import causal_attention
+    from pare_nemo.olmo3.model import causal_attention
 
     added = []
     for s in (1024, 1536, 2048, 2560):
@@ -112,9 +112,9 @@ def test_block_masks_without_s_by_s_tensor(kind):
     """Building the S = 8192 block mask allocates far less than one S x S bool (64 MiB) on the GPU
     (the eager create_block_mask allocates ~640 MiB there: int64 q_idx - kv_idx over the grid).
     The document mask is built by the compiled create_block_mask. The sliding mask needs
-    pare_nemo.model._sliding_block_mask to use the compiled builder on CUDA too; it fails until
+    pare_nemo.olmo3.model._sliding_block_mask to use the compiled builder on CUDA too; it fails until
     then."""
-    from pare_nemo import model as pm
+    from pare_nemo.olmo3 import model as pm
 
     if kind == "sliding":
         def build():

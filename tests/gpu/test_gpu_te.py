@@ -15,7 +15,7 @@ from tests.gpu import olmo3_config, randomize_norms, require_cuda
 
 require_cuda()
 
-from pare_nemo.model import have_te  # noqa: E402
+from pare_nemo.olmo3.model import have_te  # noqa: E402
 
 if not have_te():
     pytest.skip("transformer_engine does not import (or megatron.core.extensions."
@@ -27,8 +27,8 @@ SEQ = 2048
 def test_te_spec_equals_local_spec():
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
 
-    from conversion import olmo3 as bridge
-    from pare_nemo.model import build_olmo3_model
+    from pare_nemo.olmo3 import bridge
+    from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import distributed
 
     cfg = olmo3_config(num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=4,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pare_nemo.model import FULL, SLIDING, Olmo3TransformerConfig, fusions
+from pare_nemo.olmo3.model import FULL, SLIDING, Olmo3TransformerConfig, fusions
 
 VOCAB_PAD_MULTIPLE = 1024  # padded vocab divisible by 128 x TP for TP up to 8, for any TP saved/loaded
 
