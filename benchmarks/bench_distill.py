@@ -30,12 +30,12 @@ def build(hf_config, dtype):
 
 
 def main():
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    from pare_nemo.config import KD, Optimizer
     from pare_nemo.distill import Distiller, Pairing
+    from pare_nemo.engine import micro_batches, run_step, schedule, setup_training
+    from pare_nemo.losses import next_token_nll
     from pare_nemo.parallel import device, distributed
     from pare_nemo.tiny import tiny_config
-    from pare_nemo.train import lm_loss, run_step, setup_training
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -61,34 +61,27 @@ def main():
         tc, sc = hf(t_shape), hf(s_shape)
         teacher = build(tc, dtype).eval().requires_grad_(False)
         student = build(sc, dtype)
-        chunks, opt, sched = setup_training(student, lr=1e-4, train_steps=1000)
-        dev = device()
-        tokens = torch.randint(0, vocab, (batch, seq), device=dev)
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        pos = torch.arange(seq, device=dev).expand(mbs, seq)
-        mbatches = [(tokens[i:i + mbs], mask[i:i + mbs], None, pos) for i in range(0, batch, mbs)]
-        distiller = Distiller(chunks[0], teacher, sc, tc, Pairing([], [], None), vocab)
+        chunks, opt, sched = setup_training(student, Optimizer(lr=1e-4, min_lr=0.0,
+                                                               warmup_steps=0), 1000)
+        tokens = torch.randint(0, vocab, (batch, seq), device=device())
+        mbatches = micro_batches(tokens, micro_batch_size=mbs)
+        distiller = Distiller(chunks[0], teacher, sc, tc, Pairing([], [], None), vocab, KD())
 
         def teacher_forward():
             def fwd(it, model):
-                tok, _, _, p = next(it)
-                return model(input_ids=tok, position_ids=p, attention_mask=None), \
-                    (lambda out: (out.new_zeros(()), {}))
+                return next(it).run(model), (lambda out: (out.new_zeros(()), {}))
             with torch.no_grad():
-                get_forward_backward_func()(
-                    forward_step_func=fwd, data_iterator=iter(mbatches), model=[teacher],
-                    num_microbatches=len(mbatches), seq_length=seq, micro_batch_size=mbs,
-                    forward_only=True)
+                schedule([teacher], fwd, mbatches, forward_only=True)
 
         def student_step():
             def fwd(it, model):
-                tok, msk, _, p = next(it)
-                out = model(input_ids=tok, position_ids=p, attention_mask=None)
-                return out, lambda logits: (*lm_loss(logits, tok, msk, vocab), {})
-            run_step(chunks, opt, sched, mbatches, fwd, seq, mbs)
+                mb = next(it)
+                return mb.run(model), \
+                    lambda logits: (*next_token_nll(logits, mb.tokens, mb.mask, vocab), {})
+            run_step(chunks, opt, sched, mbatches, fwd)
 
         def distill_step():
-            run_step(chunks, opt, sched, mbatches, distiller.forward_step, seq, mbs)
+            run_step(chunks, opt, sched, mbatches, distiller.forward_step)
 
         def timed(fn):
             fn()

@@ -15,7 +15,7 @@ What runs:
 
 - forward (no grad, eval): Pare's GPTModel with bf16 params, logits over the padded vocabulary;
   transformers' Olmo3ForCausalLM in bf16 (``attn_implementation="sdpa"``).
-- train step: Pare through ``pare_nemo.train`` (``setup_training`` / ``train_step``): Float16Module
+- train step: Pare through ``pare_nemo.engine`` (``setup_training`` / ``train_step``): Float16Module
   (bf16 params), megatron DistributedDataParallel (fp32 gradient buffer) and distributed optimizer
   (fp32 main params and Adam state; TP=1, DP=1), gradient clipping 1.0, the vocab-parallel CE.
   transformers: ``--hf-precision autocast`` (default) keeps fp32 params, gradients and AdamW state
@@ -123,10 +123,11 @@ def main():
     quiet()
     from transformers import Olmo3ForCausalLM
 
+    from pare_nemo.config import Optimizer
+    from pare_nemo.engine import setup_training, train_step
     from pare_nemo.olmo3 import bridge
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
-    from pare_nemo.train import setup_training, train_step
 
     cfg = olmo3_config(args)
     v, b, s = cfg.vocab_size, args.batch, args.seq
@@ -189,7 +190,7 @@ def main():
         # min_lr = lr: a constant LR, as the transformers side runs (the first H200 run decayed
         # Pare's LR to 0 over the 14 steps, and its last loss 10.17 vs 8.43 compared two schedules)
         chunks, optimizer, scheduler = setup_training(
-            mg, lr=1e-5, min_lr=1e-5, train_steps=args.warmup + args.steps + 1, clip_grad=1.0)
+            mg, Optimizer(lr=1e-5, min_lr=1e-5, warmup_steps=0), args.warmup + args.steps + 1)
         t, r = phase.time(lambda: train_step(chunks, optimizer, scheduler, tokens, mask, v,
                                              micro_batch_size=args.micro_batch),
                           args.warmup, args.steps)

@@ -33,8 +33,8 @@ def main():
     from conversion.convert import import_hf
     from pare_nemo.checkpoint import load_model
     from pare_nemo.data import load_token_data
+    from pare_nemo.engine import run_forward
     from pare_nemo.importance import ImportanceHooks
-    from pare_nemo.parallel import run_forward
     from pare_nemo.parallel import distributed
     from pare_nemo.tiny import make_tiny_olmo3, make_tokenizer
 
@@ -58,7 +58,7 @@ def main():
 
             def hooked():
                 hooks = ImportanceHooks(model)
-                run_forward(model, data.tokens, data.mask, 1, lambda t, m: hooks.set_mask(m))
+                run_forward(model, data.tokens, data.mask, 1, lambda mb: hooks.set_mask(mb.mask))
                 hooks.remove()
                 hooks.finish(model.config.num_attention_heads)
 

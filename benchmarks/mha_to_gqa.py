@@ -18,11 +18,12 @@ def main():
     from pare_nemo.cli import quiet
 
     quiet()
-    from pare_nemo.olmo3 import bridge
     from conversion.convert import import_hf
     from pare_nemo.checkpoint import load_model, read_model_config
+    from pare_nemo.config import Targets
     from pare_nemo.data import load_token_data
     from pare_nemo.importance import importance, lm_loss, load_scores
+    from pare_nemo.olmo3 import bridge
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import distributed
     from pare_nemo.prune import apply_plan, num_params, plan
@@ -43,16 +44,17 @@ def main():
         model.save_pretrained(work / "hf")
         tok.save_pretrained(work / "hf")
         import_hf(str(work / "hf"), str(work / "mg"))
-        scores_path = importance(str(work / "mg"), "pydoc", str(work / "s.pt"), num_samples=samples,
-                                 seq_length=64, layer_loss_samples=0, report=False)
+        scores_path = importance(megatron_path=str(work / "mg"), data="pydoc",
+                                 scores_path=str(work / "s.pt"), num_samples=samples, seq_length=64,
+                                 layer_loss_samples=0, report=False)
         scores = load_scores(scores_path)
         c, padded, dtype = read_model_config(work / "mg")
         print(f"{'heads':>5s} {'kv heads':>8s} {'params':>9s} {'loss':>7s}")
         with distributed(1, 1):  # pruned in memory as `pare search` does
             model, _ = load_model(work / "mg")
             for heads, groups in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1)):
-                p = plan(c, scores, target_num_attention_heads=heads,
-                         target_num_query_groups=groups)
+                p = plan(c, scores, Targets(target_num_attention_heads=heads,
+                                            target_num_query_groups=groups))
                 cfg = bridge.megatron_config(p.config, dtype=dtype, perform_initialization=False)
                 pruned = build_olmo3_model(cfg, padded, parallel_output=False)
                 with torch.no_grad():

@@ -120,6 +120,29 @@ def read_model_config(path: str | os.PathLike):
         torch, meta["dtype"])
 
 
+def check_same_tokenizer(teacher_path, student_path) -> None:
+    """Teacher and student must share tokenizer and vocabulary (padded sizes may differ)."""
+    from transformers import AutoTokenizer
+
+
+    (tc, _, _), (sc, _, _) = read_model_config(teacher_path), read_model_config(student_path)
+    if tc.vocab_size != sc.vocab_size:
+        raise ValueError(f"teacher vocabulary {tc.vocab_size} != student vocabulary "
+                         f"{sc.vocab_size}: distillation needs one tokenizer")
+    tt = AutoTokenizer.from_pretrained(Path(teacher_path) / TOKENIZER_DIR)
+    st = AutoTokenizer.from_pretrained(Path(student_path) / TOKENIZER_DIR)
+    if tt.get_vocab() != st.get_vocab() or tt.eos_token_id != st.eos_token_id:
+        raise ValueError(f"the tokenizers of {teacher_path} and {student_path} differ: "
+                         "distillation needs one tokenizer")
+
+
+def eos_token_id(path) -> int:
+    """The EOS id of a Pare checkpoint's model (the first, where the config lists several)."""
+    hf, _, _ = read_model_config(path)
+    eos = hf.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def start_checkpoint_writer() -> None:
     """Start the process through which megatron's torch_dist writer reports its results (a
     multiprocessing Manager queue, one per process, made on the first save). megatron starts it
@@ -375,7 +398,7 @@ def save_training_checkpoint(path: str | os.PathLike, iteration: int, model_chun
                              scheduler, state: dict, keep_last: int | None = None,
                              async_queue=None) -> None:
     """Save a training run's state (all ranks call it) to ``<path>/iter_<iteration>/``: the model
-    chunks (as from :func:`pare_nemo.train.setup_training`), the distributed optimizer (sharded as
+    chunks (as from :func:`pare_nemo.engine.setup_training`), the distributed optimizer (sharded as
     :data:`OPTIMIZER_SHARDING`), ``scheduler.state_dict()``, the RNG states and ``state`` (the
     loop's own: iteration, consumed samples, ...; picklable, the same on every rank). The tracker
     file moves to ``iteration`` only once every rank has written it, then all but the

@@ -1,8 +1,11 @@
 """``pare <command> key=value …``: the same entrypoints as ``nemo llm <command> key=value …``.
 
-Fast by construction: a command's arguments (names, types, defaults, first doc line) are read from
-its source with :mod:`ast`, so ``pare --help``, a misspelled key or a bad value are answered without
-importing torch or megatron; the stage module is imported only when the command runs.
+Fast by construction: ``pare --help``, a misspelled key or a bad value are answered without
+importing torch or megatron; the stage module is imported only when the command runs. A stage with
+a typed config (importance, prune, search, distill, eval: :mod:`pare_nemo.config`, which imports
+nothing heavy) takes its config's fields as flat keys (``lr=1e-4``, or ``optimizer.lr=1e-4``); the
+other commands' arguments (names, types, defaults) are read from their function's source with
+:mod:`ast`. ``recipe=<name>`` starts from a recipe's config (``recipes/olmo3.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import types
 import typing
 import warnings
 from functools import lru_cache
@@ -32,6 +36,7 @@ COMMANDS = {
 }
 
 REQUIRED = inspect.Parameter.empty
+CONFIGS = ("importance", "prune", "search", "distill", "eval")  # stages with a typed config
 _NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
 
 
@@ -40,6 +45,7 @@ class Param:
     name: str
     type: object  # int, str, typing.Optional[int], typing.List[int], …
     default: object  # REQUIRED when the argument must be given
+    section: str | None = None  # the config section it belongs to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +70,45 @@ def _type(node: ast.expr):
     raise TypeError(f"unsupported annotation {ast.unparse(node)!r} in a pare command")
 
 
+def _typing(tp):
+    """A resolved annotation (``int | None``, ``list[int]``) -> the typing objects both parsers
+    (ours and NeMo-Run's) understand (``typing.Optional[int]``, ``typing.List[int]``)."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return typing.Union[tuple(_typing(a) for a in args)]
+    if typing.get_origin(tp) is list:
+        return typing.List[_typing(args[0])]
+    return tp
+
+
+def config_class(name: str):
+    """The typed config of a stage (None for the other commands)."""
+    from pare_nemo.config import STAGES
+
+    return STAGES.get(name) if name in CONFIGS else None
+
+
 @lru_cache(maxsize=None)
 def command(name: str) -> Command:
-    """The command's signature, read from its module's source (nothing heavy is imported)."""
+    """The command's arguments: its config's fields, or its function's signature read from the
+    module's source (nothing heavy is imported either way)."""
     module, function = COMMANDS[name]
     source = Path(importlib.util.find_spec(module).origin).read_text()
     fn = next(n for n in ast.parse(source).body
               if isinstance(n, ast.FunctionDef) and n.name == function)
+    doc = (ast.get_docstring(fn) or "").strip().split("\n")[0]
+    cls = config_class(name)
+    if cls is not None:
+        defaults = cls.defaults()
+        params = tuple(Param(n, _typing(tp), REQUIRED if defaults[n] is dataclasses.MISSING
+                             else defaults[n], section)
+                       for n, (section, _, tp) in cls.leaves().items())
+        return Command(name, module, function, doc, params)
     args = fn.args.args
     defaults = [REQUIRED] * (len(args) - len(fn.args.defaults)) + [
         eval(compile(ast.Expression(d), "<default>", "eval"), {"__builtins__": {}})
         for d in fn.args.defaults]
     params = tuple(Param(a.arg, _type(a.annotation), d) for a, d in zip(args, defaults))
-    doc = (ast.get_docstring(fn) or "").strip().split("\n")[0]
     return Command(name, module, function, doc, params)
 
 
@@ -137,6 +169,9 @@ def parse_kwargs(cmd: Command, argv: list[str], given: set[str] = frozenset()) -
             raise SystemExit(f"pare {cmd.name}: arguments are key=value, got {arg!r}")
         key, value = arg.split("=", 1)
         key = key.lstrip("-").replace("-", "_")
+        section, _, leaf = key.rpartition(".")  # optimizer.lr=… names the section too
+        if section and leaf in params and params[leaf].section == section:
+            key = leaf
         if key not in params:
             raise SystemExit(f"pare {cmd.name}: unknown argument {key!r}; expected one of "
                              f"{', '.join(params)}")
@@ -154,27 +189,26 @@ def parse_kwargs(cmd: Command, argv: list[str], given: set[str] = frozenset()) -
 
 
 def recipes_for(cmd: Command) -> dict:
-    """Named recipes of ``recipes/olmo3.py`` whose fields are all arguments of ``cmd``."""
+    """Named recipes of ``recipes/olmo3.py`` that return this stage's config."""
     from recipes import olmo3
 
-    names = {p.name for p in cmd.params}
+    cls = config_class(cmd.name)
     out = {}
     for name in getattr(olmo3, "__all__", dir(olmo3)):
         fn = getattr(olmo3, name)
         hints = typing.get_type_hints(fn) if inspect.isfunction(fn) else {}
-        ret = hints.get("return")
-        if dataclasses.is_dataclass(ret) and {f.name for f in dataclasses.fields(ret)} <= names:
+        if cls is not None and hints.get("return") is cls and not name.startswith("_"):
             out[name] = fn
     return out
 
 
-def recipe_defaults(cmd: Command, name: str) -> dict:
-    """``recipe=<name>``: the arguments a named recipe sets."""
+def recipe_config(cmd: Command, name: str):
+    """``recipe=<name>``: the config a named recipe returns."""
     valid = recipes_for(cmd)
     if name not in valid:
         raise SystemExit(f"pare {cmd.name}: unknown recipe {name!r}; recipes for this command: "
                          f"{', '.join(valid) or 'none'}")
-    return dataclasses.asdict(valid[name]())
+    return valid[name]()
 
 
 def usage() -> str:
@@ -191,7 +225,11 @@ def usage() -> str:
 
 def command_usage(cmd: Command) -> str:
     lines = [f"usage: pare {cmd.name} [recipe=<name>] key=value …", "", cmd.doc, ""]
+    section = None
     for p in cmd.params:
+        if p.section != section and p.section is not None:
+            lines.append(f" {p.section}:")
+        section = p.section
         default = "(required)" if p.default is REQUIRED else f"= {p.default!r}"
         lines.append(f"  {p.name:28s} {_type_name(p.type):22s} {default}")
     rec = recipes_for(cmd)
@@ -226,12 +264,12 @@ def main(argv: list[str] | None = None) -> None:
         print(command_usage(cmd))
         return
     recipe = [a.split("=", 1)[1] for a in rest if a.startswith("recipe=")]
-    kwargs = recipe_defaults(cmd, recipe[-1]) if recipe else {}
-    kwargs |= parse_kwargs(cmd, [a for a in rest if not a.startswith("recipe=")],
-                           given=set(kwargs))
+    base = recipe_config(cmd, recipe[-1]) if recipe else None
+    kwargs = parse_kwargs(cmd, [a for a in rest if not a.startswith("recipe=")],
+                          given=set(base.flat()) if base is not None else set())
     fn = resolve(cmd.name)
     try:
-        result = fn(**kwargs)
+        result = fn(base, **kwargs) if config_class(cmd.name) else fn(**kwargs)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"pare {cmd.name}: error: {e}") from None
     if result is not None:

@@ -24,13 +24,6 @@ class NotEnoughData(DataError):
     """The data holds fewer samples than asked for."""
 
 
-def check_seq_length(seq_length: int, hf_config) -> None:
-    """Refuse rows longer than the model's context (RoPE / YaRN were not made for them)."""
-    if seq_length > hf_config.max_position_embeddings:
-        raise ValueError(f"seq_length={seq_length} is longer than the model's context "
-                         f"(max_position_embeddings={hf_config.max_position_embeddings})")
-
-
 @dataclass
 class TokenData:
     tokens: torch.Tensor  # [N, S] int64
@@ -46,20 +39,6 @@ class TokenData:
         h = hashlib.sha256(self.tokens.numpy().tobytes())
         h.update(self.mask.numpy().tobytes())
         return h.hexdigest()
-
-
-def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                   vocab_size: int, tp_group=None):
-    """(sum, count) of next-token NLL over positions where both tokens are real: the one loss
-    definition of every stage. logits: [b, s, V_local], vocab-parallel over ``tp_group`` (megatron's
-    output with ``parallel_output=True``) or the whole (padded) vocabulary when it is None; columns
-    from ``vocab_size`` on are padding and excluded. tokens and mask: [b, s]. Computed by
-    :func:`pare_nemo.losses.cross_entropy` (no vocabulary gather, fp32, chunked)."""
-    from pare_nemo.losses import cross_entropy
-
-    keep = mask[:, 1:] & mask[:, :-1]
-    nll = cross_entropy(logits[:, :-1], tokens[:, 1:], vocab_size, tp_group=tp_group)
-    return (nll * keep).sum(), keep.sum()
 
 
 def _records(data: str, split: str, limit_docs: int | None):
@@ -340,6 +319,54 @@ def prepare_data(data: str, tokenizer_path: str, output_prefix: str, split: str 
     return meta
 
 
+def parse_data(data: str) -> tuple[list[str], list[float] | None]:
+    """``prefix``, ``prefix,prefix`` or ``weight:prefix,weight:prefix`` -> (prefixes, weights)."""
+    prefixes, weights = [], []
+    for item in (x.strip() for x in data.split(",") if x.strip()):
+        w, sep, prefix = item.partition(":")
+        try:
+            weight = float(w) if sep else None
+        except ValueError:
+            weight, prefix = None, item
+        prefixes.append(prefix if weight is not None else item)
+        weights.append(weight)
+    if not prefixes:
+        raise ValueError("data is empty: give a prefix written by `pare prepare-data`")
+    if all(w is None for w in weights):
+        return prefixes, None
+    if any(w is None for w in weights):
+        raise ValueError(f"data={data!r}: give a weight to every prefix (weight:prefix) or none")
+    return prefixes, weights
+
+
+def check_data(data: str, checkpoint: str | None = None) -> tuple[list[str], list[float] | None]:
+    """The prefixes (and blend weights) of ``data``; each must be a ``pare prepare-data`` output,
+    made with ``checkpoint``'s tokenizer when that is given."""
+    import json
+
+    prefixes, weights = parse_data(data)
+    fingerprint = None
+    for p in prefixes:
+        if not (Path(p + ".bin").exists() and Path(p + ".idx").exists()):
+            hint = " (a raw data source? tokenize it first: pare prepare-data data=... " \
+                   "tokenizer_path=... output_prefix=...)" if Path(p).exists() else ""
+            raise FileNotFoundError(f"data prefix {p} does not exist: no {p}.bin / {p}.idx{hint}")
+        meta = Path(p + ".json")
+        if checkpoint is not None and meta.exists():
+            if fingerprint is None:
+                from transformers import AutoTokenizer
+
+                from pare_nemo.checkpoint import TOKENIZER_DIR
+
+                fingerprint = tokenizer_fingerprint(
+                    AutoTokenizer.from_pretrained(Path(checkpoint) / TOKENIZER_DIR))
+            if json.loads(meta.read_text()).get("tokenizer_sha256") != fingerprint:
+                raise ValueError(f"data {p} was tokenized with another tokenizer than "
+                                 f"{checkpoint}'s; run pare prepare-data with "
+                                 f"tokenizer_path={Path(checkpoint) / 'tokenizer'}")
+    return prefixes, weights
+
+
 class _EodTokenizer:
     """All megatron's GPTDataset needs of a tokenizer for pre-tokenized data: the EOD id (no pad
     token: rows are never padded; no vocab size: the .idx holds the token dtype)."""
@@ -352,15 +379,17 @@ class _EodTokenizer:
 def _split_ranges(n: int, split: str) -> list:
     """Document ranges [begin, end) of train / valid / test, exactly as megatron-core splits."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [None if m is None else (int(round(m[0] * n)), int(round(m[1] * n))) for m in matrix]
 
 
 def training_dataset(prefixes: str | list, seq_length: int, num_samples: int,
-                     global_batch_size: int, seed: int, eos_token_id: int,
-                     split: str = "99,1,0", weights: list | None = None,
+                     global_batch_size: int, seed: int, eos_token_id: int, split: str,
+                     weights: list | None = None,
                      valid_samples: int | None = None, cache_dir: str | None = None):
     """(train, valid) megatron-core datasets of packed rows from ``prepare_data`` outputs.
 
@@ -381,7 +410,8 @@ def training_dataset(prefixes: str | list, seq_length: int, num_samples: int,
     import os
 
     from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -409,7 +439,7 @@ def training_dataset(prefixes: str | list, seq_length: int, num_samples: int,
         ranges = [None]
     if ranges[0] is None:
         raise DataError(f"split={split!r} must be 'train,valid,test' weights with train > 0, "
-                        "e.g. '99,1,0'")
+                        "e.g. '98,2,0'")
     has_valid = ranges[1] is not None
     if has_valid and weights is not None and valid_samples is None:
         raise DataError("blend weights need valid_samples (megatron sizes weighted splits)")

@@ -9,7 +9,6 @@ the trained model (the ``tiny_distill`` recipe) and export it, printing the teac
 and the distilled model's loss on held-out text.
 """
 
-import dataclasses
 import json
 import shutil
 import time
@@ -27,7 +26,7 @@ def _real_tokens(tokenizer, batch: int, seq: int) -> torch.Tensor:
 
 
 def _lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    from pare_nemo.data import next_token_nll
+    from pare_nemo.losses import next_token_nll
 
     s, n = next_token_nll(logits, tokens, torch.ones_like(tokens, dtype=torch.bool),
                           logits.shape[-1])
@@ -45,12 +44,13 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     from pare_nemo.checkpoint import load_model
     from pare_nemo.data import prepare_data
     from pare_nemo.distill import distill
+    from pare_nemo.engine import forward_logits
     from pare_nemo.eval import evaluate
-    from recipes.olmo3 import tiny_distill
     from pare_nemo.importance import importance, load_scores
+    from pare_nemo.parallel import distributed
     from pare_nemo.prune import num_params, prune
-    from pare_nemo.parallel import distributed, forward_logits
     from pare_nemo.tiny import make_tiny_olmo3, pydoc_text
+    from recipes.olmo3 import tiny_distill, tiny_importance, tiny_width
 
     console = Console()
     work = Path(workdir)
@@ -94,16 +94,14 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     step("export Megatron -> HF", lambda: export_hf(str(mg_dir), str(out_dir)))
     scores_path = work / "scores" / "importance.pt"
     shutil.rmtree(scores_path.parent, ignore_errors=True)
-    step("importance (64 samples x 128 tokens)", lambda: importance(
-        str(mg_dir), "pydoc", str(scores_path), num_samples=64, seq_length=seq_length,
-        micro_batch_size=4, layer_loss_samples=16))
+    step(f"importance (64 samples x {seq_length} tokens)",
+         lambda: importance(tiny_importance(workdir), seq_length=seq_length))
     scores = load_scores(scores_path)
     pruned_dir, pruned_hf = work / "pruned", work / "pruned_hf"
     for d in (pruned_dir, pruned_hf):
         shutil.rmtree(d, ignore_errors=True)
-    step("width prune (FFN 384 -> 256, hidden 128 -> 96) + export", lambda: export_hf(
-        prune(str(mg_dir), str(scores_path), str(pruned_dir), target_ffn_hidden_size=256,
-              target_hidden_size=96), str(pruned_hf)))
+    step("width prune (FFN 384 -> 256, hidden 128 -> 96) + export",
+         lambda: export_hf(prune(tiny_width(workdir)), str(pruned_hf)))
     data_prefix, distilled_dir, distilled_hf = work / "data" / "pydoc", work / "distilled", \
         work / "distilled_hf"
     for d in (data_prefix.parent, distilled_dir, distilled_hf):
@@ -111,12 +109,10 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     # the first 200 of pydoc's 223 documents: the held-out tokens come from its last ones
     step("prepare-data (pydoc_data.topics -> megatron indexed dataset)", lambda: prepare_data(
         "pydoc", str(mg_dir / "tokenizer"), str(data_prefix), limit_docs=200))
-    recipe = dataclasses.asdict(tiny_distill())
-    step(f"distill the pruned student ({recipe['train_steps']} steps x "
-         f"{recipe['global_batch_size']} x {recipe['seq_length']} tokens) + export",
-         lambda: export_hf(distill(str(mg_dir), str(pruned_dir), str(data_prefix),
-                                   str(distilled_dir), tensorboard=False, **recipe),
-                           str(distilled_hf)))
+    recipe = tiny_distill(workdir)
+    step(f"distill the pruned student ({recipe.run.train_steps} steps x "
+         f"{recipe.batch.global_batch_size} x {recipe.batch.seq_length} tokens) + export",
+         lambda: export_hf(distill(recipe, tensorboard=False), str(distilled_hf)))
     eval_dir, held_out = work / "eval", work / "held_out.txt"
     shutil.rmtree(eval_dir, ignore_errors=True)
     # held-out text: the last 23 of pydoc's 223 documents, which no stage read (training and
@@ -125,9 +121,10 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     # the tiny models learnt plain text: no chat template for the task and the generations
     step("eval teacher / pruned / distilled: held-out loss, pare_pydoc (lm-eval), generation "
          "speed, report", lambda: evaluate(
-             f"teacher:{mg_dir},pruned:{pruned_dir},distilled:{distilled_dir}", str(held_out),
-             output=str(eval_dir), num_samples=64, seq_length=seq_length, tasks="pare_pydoc",
-             task_limit=100, chat_template=False, max_new_tokens=16, batch_sizes=[1, 8]))
+             checkpoints=f"teacher:{mg_dir},pruned:{pruned_dir},distilled:{distilled_dir}",
+             data=str(held_out), output=str(eval_dir), num_samples=64, seq_length=seq_length,
+             tasks="pare_pydoc", task_limit=100, chat_template=False, max_new_tokens=16,
+             batch_sizes=[1, 8]))
     a, b = load_file(hf_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = AutoModelForCausalLM.from_pretrained(out_dir).eval()

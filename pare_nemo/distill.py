@@ -7,12 +7,12 @@ and 2408.11796), on megatron-core.
 
 - KD is :func:`pare_nemo.losses.kl_divergence` on vocab-parallel logits (forward KL, reverse KL or
   JSD(beta), temperature T, optional teacher top-k), per token, never gathering the vocabulary.
-- ``d`` is ``1 - cos`` or the mean squared error over the hidden size, per token. ``h[i]`` is layer
-  i's output (the residual stream after its post-norms); ``e`` the embedding output. When the hidden
-  size was pruned, the teacher's states are compared on the channels the student kept
-  (``hidden_match="kept"``, the plan knows them) or through a learned linear map of the student's
-  state (``hidden_match="projection"``: trained with the student, saved in its checkpoint under
-  ``distill_projections``, dropped at export).
+- ``d`` is :func:`pare_nemo.losses.state_distance`: ``1 - cos`` or the mean squared error over the
+  hidden size, per token. ``h[i]`` is layer i's output (the residual stream after its post-norms);
+  ``e`` the embedding output. When the hidden size was pruned, the teacher's states are compared
+  on the channels the student kept (``hidden_match="kept"``, the plan knows them) or through a
+  learned linear map of the student's state (``hidden_match="projection"``: trained with the
+  student, saved in its checkpoint under ``distill_projections``, dropped at export).
 - Pairs: student layer i with the teacher layer it was copied from (``prune_plan.json`` beside
   the student), or with ``teacher_layers``.
 - ``balance=True`` scales each intermediate term to the logit term's magnitude, using the means of
@@ -26,47 +26,29 @@ an intermediate pair must have both layers on one stage. Intermediate terms comp
 other than the last enter backward through :class:`_AttachLoss` (as megatron's MoE auxiliary losses
 do) and are reported through an all-reduce of their own.
 
-The loop (``distill``): checkpoints every ``save_interval`` steps and on SIGTERM/SIGUSR1 (then exit
-code 75, which ``slurm/distill.sh`` turns into a requeue); a run started again with the same
-arguments resumes from the latest complete checkpoint and continues the same loss curve; NaN/inf
-steps are skipped (``on_nan="skip"``) or stop the run (``"stop"``) and are never saved.
+The stage (``distill``) reads a :class:`pare_nemo.config.DistillConfig`: ``check`` refuses bad input
+before any work, :class:`Distillation` sets a run up and runs its loop (``train``): checkpoints
+every ``save_interval`` steps and on SIGTERM/SIGUSR1 (then exit code 75, which
+``slurm/distill.sh`` turns into a requeue); a run started again with the same config resumes from
+the latest complete checkpoint and continues the same loss curve; NaN/inf steps are skipped
+(``on_nan="skip"``) or stop the run (``"stop"``) and are never saved. The run directory's files
+are :mod:`pare_nemo.rundir`'s, the metrics :mod:`pare_nemo.metrics`'.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-ARGS_FILE = "distill_args.json"
-KD_KINDS = ("forward", "reverse", "jsd")
-INTERMEDIATE = ("none", "cosine", "mse")
-HIDDEN_MATCH = ("kept", "projection")
-# fields of distill_args.json that may change when a run is resumed
-# (not train_steps: it sets the learning-rate schedule and the data order)
-RESUMABLE_CHANGES = ("save_interval", "keep_last", "log_interval", "eval_interval",
-                     "eval_samples", "on_nan", "tensorboard")
+from pare_nemo import rundir
+from pare_nemo.config import KD, DistillConfig, need
+from pare_nemo.engine import MicroBatch
 
-
-# ---------------------------------------------------------------- losses on hidden states
-
-
-def state_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token distance [...] between hidden states [..., h] (fp32): ``1 - cos`` or the mean
-    squared error over the hidden size."""
-    s, t = student.float(), teacher.float()
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-6)
-    if kind == "mse":
-        return (s - t).pow(2).mean(-1)
-    raise ValueError(f"unknown intermediate loss {kind!r}; expected one of {INTERMEDIATE[1:]}")
+MAX_SKIPPED_IN_A_ROW = 10  # non-finite steps in a row that stop a run
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -95,50 +77,43 @@ class Pairing:
     hidden: list[int] | None  # teacher channels the student kept (None: same hidden size)
 
 
-def pairing(student_config, teacher_config, plan: dict | None, intermediate: str,
-            student_layers: list[int] | None, teacher_layers: list[int] | None,
-            embedding: bool = False) -> Pairing:
+def pairing(student_config, teacher_config, plan: dict | None, kd: KD) -> Pairing:
     """Layer pairs and kept hidden channels, checked against both models."""
     ls, lt = student_config.num_hidden_layers, teacher_config.num_hidden_layers
     hs, ht = student_config.hidden_size, teacher_config.hidden_size
     if plan is not None:
-        if len(plan["layers"]) != ls or len(plan["hidden"]) != hs or max(plan["layers"]) >= lt \
-                or max(plan["hidden"]) >= ht:
-            raise ValueError("the student's prune_plan.json does not fit these models (its kept "
-                             f"layers/channels: {len(plan['layers'])}/{len(plan['hidden'])}, "
-                             f"student {ls} layers / hidden {hs}, teacher {lt} / {ht}): was the "
-                             "student pruned from this teacher?")
+        need(len(plan["layers"]) == ls and len(plan["hidden"]) == hs
+             and max(plan["layers"]) < lt and max(plan["hidden"]) < ht,
+             "the student's prune_plan.json does not fit these models (its kept layers/channels: "
+             f"{len(plan['layers'])}/{len(plan['hidden'])}, student {ls} layers / hidden {hs}, "
+             f"teacher {lt} / {ht}): was the student pruned from this teacher?")
         origin, hidden = list(plan["layers"]), list(plan["hidden"])
     else:
-        if hs != ht and (intermediate != "none" or embedding):
-            raise ValueError(f"student hidden {hs} != teacher hidden {ht} and no prune_plan.json "
-                             "beside the student to say which channels it kept: intermediate "
-                             "and embedding losses need it (logit-only distillation does not)")
+        need(hs == ht or not kd.states,
+             f"student hidden {hs} != teacher hidden {ht} and no prune_plan.json beside the "
+             "student to say which channels it kept: intermediate and embedding losses need it "
+             "(logit-only distillation does not)")
         origin, hidden = (list(range(ls)) if ls == lt else None), None
     if hidden is not None and hidden == list(range(ht)):
         hidden = None
-    if intermediate == "none":
-        if student_layers or teacher_layers:
-            raise ValueError("student_layers / teacher_layers given but intermediate_loss=none")
+    if kd.intermediate_loss == "none":
+        need(not (kd.student_layers or kd.teacher_layers),
+             "student_layers / teacher_layers given but intermediate_loss=none")
         return Pairing([], [], hidden)
-    s = list(range(ls)) if student_layers is None else list(student_layers)
+    s = list(range(ls)) if kd.student_layers is None else list(kd.student_layers)
     bad = [i for i in s if not 0 <= i < ls]
-    if bad:
-        raise ValueError(f"student_layers {bad} out of range: the student has {ls} layers "
-                         f"(0..{ls - 1})")
-    if teacher_layers is None:
-        if origin is None:
-            raise ValueError(f"no prune_plan.json beside the student and {ls} != {lt} layers: "
-                             "give teacher_layers=[...] to pair with student_layers")
+    need(not bad, f"student_layers {bad} out of range: the student has {ls} layers "
+                  f"(0..{ls - 1})")
+    if kd.teacher_layers is None:
+        need(origin is not None, f"no prune_plan.json beside the student and {ls} != {lt} "
+                                 "layers: give teacher_layers=[...] to pair with student_layers")
         t = [origin[i] for i in s]
     else:
-        t = list(teacher_layers)
-        if len(t) != len(s):
-            raise ValueError(f"teacher_layers has {len(t)} entries for {len(s)} student layers")
+        t = list(kd.teacher_layers)
+        need(len(t) == len(s), f"teacher_layers has {len(t)} entries for {len(s)} student layers")
         bad = [j for j in t if not 0 <= j < lt]
-        if bad:
-            raise ValueError(f"teacher_layers {bad} out of range: the teacher has {lt} layers "
-                             f"(0..{lt - 1})")
+        need(not bad, f"teacher_layers {bad} out of range: the teacher has {lt} layers "
+                      f"(0..{lt - 1})")
     return Pairing(s, t, hidden)
 
 
@@ -153,20 +128,17 @@ def stage_of(layer: int, num_layers: int, pp: int) -> int:
     raise ValueError(f"layer {layer} out of range for {num_layers} layers")
 
 
-def check_pairs_on_stages(p: Pairing, ls: int, lt: int, pp: int, embedding_weight: float):
+def check_pairs_on_stages(p: Pairing, ls: int, lt: int, pp: int) -> None:
     """Under pipeline parallelism both layers of a pair must live on one stage."""
     from pare_nemo.olmo3.bridge import pipeline_split
 
-    if pp == 1:
-        return
     apart = [(i, j) for i, j in zip(p.student_layers, p.teacher_layers)
              if stage_of(i, ls, pp) != stage_of(j, lt, pp)]
-    if apart:
-        raise ValueError(
-            f"at pp={pp} these (student, teacher) layer pairs fall on different pipeline stages: "
-            f"{apart} (layers per stage: student {pipeline_split(ls, pp)}, teacher "
-            f"{pipeline_split(lt, pp)}); choose pairs on "
-            "one stage with student_layers=/teacher_layers=, or run at pp=1")
+    need(pp == 1 or not apart,
+         f"at pp={pp} these (student, teacher) layer pairs fall on different pipeline stages: "
+         f"{apart} (layers per stage: student {pipeline_split(ls, pp)}, teacher "
+         f"{pipeline_split(lt, pp)}); choose pairs on one stage with student_layers=/"
+         "teacher_layers=, or run at pp=1")
 
 
 # ---------------------------------------------------------------- the two models in one step
@@ -177,20 +149,12 @@ class Distiller:
     runs both on a micro-batch and returns the distillation loss."""
 
     def __init__(self, student_chunk, teacher, student_config, teacher_config, pairing: Pairing,
-                 vocab_size: int, kd: str = "forward", beta: float = 0.5,
-                 temperature: float = 1.0, top_k: int | None = None, alpha: float = 0.0,
-                 intermediate: str = "none", intermediate_weight: float = 1.0,
-                 embedding_weight: float = 0.0, hidden_match: str = "kept",
-                 balance: bool = False):
+                 vocab_size: int, kd: KD):
         from megatron.core import parallel_state as ps
         from megatron.core.utils import get_attr_wrapped_model
 
         self.student, self.teacher = student_chunk, teacher
-        self.p = pairing
-        self.vocab = vocab_size
-        self.kd, self.beta, self.T, self.top_k, self.alpha = kd, beta, temperature, top_k, alpha
-        self.kind, self.w_inter, self.w_emb = intermediate, intermediate_weight, embedding_weight
-        self.hidden_match, self.balance = hidden_match, balance
+        self.p, self.vocab, self.kd = pairing, vocab_size, kd
         self.scales: dict[str, float] = {}  # balance: per-term scale from the previous step
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp = ps.get_pipeline_model_parallel_world_size()
@@ -213,7 +177,7 @@ class Distiller:
         for i, j in self.pairs:
             self._hooks.append(s_layers[i - s_off].register_forward_hook(self._keep(("s", i))))
             self._hooks.append(t_layers[j - t_off].register_forward_hook(self._keep(("t", j))))
-        if self.w_emb and self.first:
+        if kd.embedding_weight and self.first:
             self._hooks.append(gpt_s.embedding.register_forward_hook(self._keep(("s", "emb"))))
             self._hooks.append(teacher.embedding.register_forward_hook(self._keep(("t", "emb"))))
         # the student's set_input_tensor splits [student | teacher] activations (pp > 1)
@@ -249,36 +213,37 @@ class Distiller:
         """The student state and the teacher state on comparable channels."""
         if self.hidden_index is None:
             return s_state, t_state
-        if self.hidden_match == "kept":
+        if self.kd.hidden_match == "kept":
             return s_state, t_state.index_select(-1, self.hidden_index.to(t_state.device))
-        return self.projections()[name](s_state), t_state
-
-    def projections(self):
-        return self.gpt_s.distill_projections
+        return self.gpt_s.distill_projections[name](s_state), t_state
 
     def _add(self, name, value_sum, count):
         t = torch.stack([value_sum.detach().float(), count.float()])
         self.aux[name] = self.aux.get(name, 0) + t
 
     def forward_step(self, data_iterator, model):
-        tok, msk, doc, pos = next(data_iterator)
+        from pare_nemo.losses import kl_divergence, next_token_nll, state_distance
+
+        kd = self.kd
+        mb: MicroBatch = next(data_iterator)
         self._states.clear()
         with torch.no_grad():
-            t_out = self.teacher(input_ids=tok, position_ids=pos, attention_mask=doc)
-        s_out = model(input_ids=tok, position_ids=pos, attention_mask=doc)
+            t_out = mb.run(self.teacher)
+        s_out = mb.run(model)
 
         # intermediate terms of the pairs on this stage
-        m = msk.t().float()  # [s, b] like the hidden states
-        n = msk.sum()
+        m = mb.mask.t().float()  # [s, b] like the hidden states
+        n = mb.mask.sum()
         aux = s_out.new_zeros((), dtype=torch.float32)
-        terms = [(f"layer {i}->{j}", ("s", i), ("t", j), self.w_inter) for i, j in self.pairs]
-        if self.w_emb and self.first:
-            terms.append(("embedding", ("s", "emb"), ("t", "emb"), self.w_emb))
+        terms = [(f"layer {i}->{j}", ("s", i), ("t", j), kd.intermediate_weight)
+                 for i, j in self.pairs]
+        if kd.embedding_weight and self.first:
+            terms.append(("embedding", ("s", "emb"), ("t", "emb"), kd.embedding_weight))
         for name, ks, kt, w in terms:
             s_state, t_state = self._match(self._states[ks], self._states[kt].detach(),
                                            _proj_key(name))
-            kind = self.kind if ks[1] != "emb" or self.kind != "none" else "cosine"
-            d = (state_distance(s_state, t_state, kind) * m).sum()
+            distance = kd.intermediate_loss if kd.intermediate_loss != "none" else "cosine"
+            d = (state_distance(s_state, t_state, distance) * m).sum()
             self._add(name, d, n)
             aux = aux + w * self.scales.get(name, 1.0) * d
         self._states.clear()
@@ -288,22 +253,17 @@ class Distiller:
             return (_AttachLoss.apply(out, aux) if terms else out), _no_loss
 
         def loss_func(logits):
-            from pare_nemo.losses import cross_entropy, kl_divergence
-
-            kd = kl_divergence(logits, t_out, self.vocab, kind=self.kd, beta=self.beta,
-                               temperature=self.T, top_k=self.top_k, tp_group=self.tp_group)
-            kd_sum = (kd * msk).sum() * self.T**2
+            per_token = kl_divergence(logits, t_out, self.vocab, kind=kd.kd, beta=kd.beta,
+                                      temperature=kd.temperature, top_k=kd.top_k,
+                                      tp_group=self.tp_group)
+            kd_sum = (per_token * mb.mask).sum() * kd.temperature**2
             reports = {"kd": torch.stack([kd_sum.detach(), n.float()])}
-            loss = (1 - self.alpha) * kd_sum if self.alpha else kd_sum
-            if self.alpha or not torch.is_grad_enabled():  # validation reports the LM loss too
-                labels = torch.roll(tok, -1, dims=1)
-                keep = msk & torch.roll(msk, -1, dims=1)
-                keep[:, -1] = False
-                ce = (cross_entropy(logits, labels, self.vocab, tp_group=self.tp_group)
-                      * keep).sum()
-                reports["ce"] = torch.stack([ce.detach(), keep.sum().float()])
-                if self.alpha:
-                    loss = loss + self.alpha * ce
+            loss = (1 - kd.alpha) * kd_sum if kd.alpha else kd_sum
+            if kd.alpha or not torch.is_grad_enabled():  # validation reports the LM loss too
+                ce, count = next_token_nll(logits, mb.tokens, mb.mask, self.vocab, self.tp_group)
+                reports["ce"] = torch.stack([ce.detach(), count.float()])
+                if kd.alpha:
+                    loss = loss + kd.alpha * ce
             return loss + aux, n, reports
 
         return s_out, loss_func
@@ -311,16 +271,17 @@ class Distiller:
     def total(self, losses: dict, inter: dict) -> float:
         """The step's loss per token from its reported means: what the gradient was taken of
         (``losses["loss"]`` holds only the terms computed on the last stage)."""
-        out = (1 - self.alpha) * losses.get("kd", 0.0) + self.alpha * losses.get("ce", 0.0)
+        kd = self.kd
+        out = (1 - kd.alpha) * losses.get("kd", 0.0) + kd.alpha * losses.get("ce", 0.0)
         for n, v in inter.items():
-            out += (self.w_emb if n == "embedding" else self.w_inter) * self.scales.get(n, 1.0) * v
+            w = kd.embedding_weight if n == "embedding" else kd.intermediate_weight
+            out += w * self.scales.get(n, 1.0) * v
         return out
 
     def reduce_aux(self) -> dict[str, float]:
         """Means over the global batch of this step's intermediate terms (each computed on one
         stage, on every DP replica); resets them."""
-        from megatron.core import parallel_state as ps
-
+        from pare_nemo.engine import sum_over_replicas
         from pare_nemo.parallel import device
 
         names = sorted(_term_names(self))
@@ -331,10 +292,28 @@ class Distiller:
         self.aux = {}
         if not names:
             return {}
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        if self.pp > 1:
-            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        sum_over_replicas(total)
         return {n: (t[0] / t[1]).item() for n, t in zip(names, total)}
+
+    def rebalance(self, result, inter: dict) -> None:
+        """``balance``: scale each intermediate term to the KD term's magnitude of this step."""
+        if self.kd.balance and not result.skipped:
+            kd_mean = result.losses.get("kd", 0.0)
+            self.scales = {n: (kd_mean / v if v > 0 else 1.0) for n, v in inter.items()}
+
+    def validate(self, chunks, batches: list[MicroBatch]) -> dict:
+        """Mean KD (and CE, intermediate terms) of the student on held-out rows, forward only."""
+        from pare_nemo.engine import reduce_reports, schedule
+
+        for c in chunks:
+            c.eval()
+        with torch.no_grad():
+            reports = schedule(chunks, self.forward_step, batches, forward_only=True,
+                               adjust_tensor_shapes_fn=self.adjust_tensor_shapes)
+        out = reduce_reports(reports) | self.reduce_aux()
+        for c in chunks:
+            c.train()
+        return out
 
 
 def _no_loss(output):
@@ -348,7 +327,7 @@ def _proj_key(name: str) -> str:
 def _term_names(d: Distiller) -> list[str]:
     """Every intermediate term of the whole model (all stages), the same list on every rank."""
     names = [f"layer {i}->{j}" for i, j in zip(d.p.student_layers, d.p.teacher_layers)]
-    return names + (["embedding"] if d.w_emb else [])
+    return names + (["embedding"] if d.kd.embedding_weight else [])
 
 
 def add_projections(student, pairing: Pairing, hs: int, ht: int, embedding: bool) -> None:
@@ -377,482 +356,208 @@ def add_projections(student, pairing: Pairing, hs: int, ht: int, embedding: bool
 # ---------------------------------------------------------------- the stage
 
 
-def check_same_tokenizer(teacher_path, student_path) -> None:
-    """Teacher and student must share tokenizer and vocabulary (padded sizes may differ)."""
-    from transformers import AutoTokenizer
+@dataclass
+class Checked:
+    """What ``check`` learned before any work."""
 
-    from pare_nemo.checkpoint import TOKENIZER_DIR, read_model_config
-
-    (tc, _, _), (sc, _, _) = read_model_config(teacher_path), read_model_config(student_path)
-    if tc.vocab_size != sc.vocab_size:
-        raise ValueError(f"teacher vocabulary {tc.vocab_size} != student vocabulary "
-                         f"{sc.vocab_size}: distillation needs one tokenizer")
-    tt = AutoTokenizer.from_pretrained(Path(teacher_path) / TOKENIZER_DIR)
-    st = AutoTokenizer.from_pretrained(Path(student_path) / TOKENIZER_DIR)
-    if tt.get_vocab() != st.get_vocab() or tt.eos_token_id != st.eos_token_id:
-        raise ValueError(f"the tokenizers of {teacher_path} and {student_path} differ: "
-                         "distillation needs one tokenizer")
+    teacher: object  # the teacher's HF config
+    student: object  # the student's HF config
+    padded_vocab: int  # the student's padded vocabulary size
+    pairs: Pairing
+    dp: int  # data-parallel size
+    resume: bool  # save_path holds this run's checkpoints
 
 
-def parse_data(data: str) -> tuple[list[str], list[float] | None]:
-    """``prefix``, ``prefix,prefix`` or ``weight:prefix,weight:prefix`` -> (prefixes, weights)."""
-    prefixes, weights = [], []
-    for item in (x.strip() for x in data.split(",") if x.strip()):
-        w, sep, prefix = item.partition(":")
-        try:
-            weight = float(w) if sep else None
-        except ValueError:
-            weight, prefix = None, item
-        prefixes.append(prefix if weight is not None else item)
-        weights.append(weight)
-    if not prefixes:
-        raise ValueError("data is empty: give a prefix written by `pare prepare-data`")
-    if all(w is None for w in weights):
-        return prefixes, None
-    if any(w is None for w in weights):
-        raise ValueError(f"data={data!r}: give a weight to every prefix (weight:prefix) or none")
-    return prefixes, weights
-
-
-def check_data(data: str, checkpoint: str | None = None) -> tuple[list[str], list[float] | None]:
-    """The prefixes (and blend weights) of ``data``; each must be a ``pare prepare-data`` output,
-    made with ``checkpoint``'s tokenizer when that is given."""
-    prefixes, weights = parse_data(data)
-    fingerprint = None
-    for p in prefixes:
-        if not (Path(p + ".bin").exists() and Path(p + ".idx").exists()):
-            hint = " (a raw data source? tokenize it first: pare prepare-data data=... " \
-                   "tokenizer_path=... output_prefix=...)" if Path(p).exists() else ""
-            raise FileNotFoundError(f"data prefix {p} does not exist: no {p}.bin / {p}.idx{hint}")
-        meta = Path(p + ".json")
-        if checkpoint is not None and meta.exists():
-            if fingerprint is None:
-                from transformers import AutoTokenizer
-
-                from pare_nemo.checkpoint import TOKENIZER_DIR
-                from pare_nemo.data import tokenizer_fingerprint
-
-                fingerprint = tokenizer_fingerprint(
-                    AutoTokenizer.from_pretrained(Path(checkpoint) / TOKENIZER_DIR))
-            if json.loads(meta.read_text()).get("tokenizer_sha256") != fingerprint:
-                raise ValueError(f"data {p} was tokenized with another tokenizer than "
-                                 f"{checkpoint}'s; run pare prepare-data with "
-                                 f"tokenizer_path={Path(checkpoint) / 'tokenizer'}")
-    return prefixes, weights
-
-
-def _datasets(data: str, checkpoint: str, seq_length: int, num_samples: int, global_batch_size: int,
-              eval_samples: int, seed: int, split: str):
-    """(train, valid) packed-row datasets; every rank builds them (rank 0 writes the index cache)."""
-    from pare_nemo.data import DataError, training_dataset
-
-    prefixes, weights = check_data(data)
-    train, valid = training_dataset(prefixes, seq_length, num_samples, global_batch_size, seed,
-                                    _eos(checkpoint), split=split, weights=weights,
-                                    valid_samples=eval_samples or None)
-    if eval_samples and valid is None:
-        raise DataError(f"eval_interval needs a validation split; split={split!r} has none")
-    return train, valid
-
-
-def _run_args(args: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
-
-
-def check_save_path(save_path: Path, args: dict) -> bool:
-    """True when ``save_path`` holds this run's checkpoints (resume); False when it is new or
-    empty; an error when it holds anything else or a run with other arguments."""
-    if not save_path.exists() or (save_path.is_dir() and not any(save_path.iterdir())):
-        return False
-    f = save_path / ARGS_FILE
-    if not f.exists():
-        raise FileExistsError(f"save_path {save_path} exists and holds something other than a "
-                              f"distillation run's checkpoints (no {ARGS_FILE}); choose another")
-    saved = json.loads(f.read_text())
-    diff = {k: (saved.get(k), v) for k, v in args.items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-    if diff:
-        raise ValueError(f"save_path {save_path} holds a run with other arguments "
-                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                         + "; resume with the same arguments or choose another save_path")
-    return True
-
-
-def distill(teacher_path: str, student_path: str, data: str, save_path: str,
-            train_steps: int = 1000, global_batch_size: int = 768, micro_batch_size: int = 1,
-            seq_length: int = 8192, lr: float = 1e-4, min_lr: float = 1e-5,
-            warmup_steps: int = 100, weight_decay: float = 0.0, clip_grad: float = 1.0,
-            kd: str = "forward", temperature: float = 1.0, beta: float = 0.5,
-            top_k: int | None = None, alpha: float = 0.0, intermediate_loss: str = "none",
-            student_layers: list[int] | None = None, teacher_layers: list[int] | None = None,
-            intermediate_weight: float = 1.0, embedding_weight: float = 0.0,
-            hidden_match: str = "kept", balance: bool = False, tp: int = 1, pp: int = 1,
-            dtype: str = "bfloat16", recompute: str = "none", document_mask: bool = True,
-            split: str = "98,2,0", save_interval: int = 500, keep_last: int = 2,
-            log_interval: int = 10, eval_interval: int = 0, eval_samples: int = 64,
-            seed: int = 1234, on_nan: str = "skip", tensorboard: bool = True) -> str:
-    """Distill a pruned student from its teacher (logit KD + optional intermediate losses)."""
-    args = _run_args(dict(locals()))
-    from pare_nemo.olmo3.bridge import check_parallel_sizes
-    from pare_nemo.checkpoint import read_model_config
-    from pare_nemo.data import check_seq_length
-    from pare_nemo.parallel import world_size
+def check(cfg: DistillConfig) -> Checked:
+    """Everything checked before any work starts: a clear error for bad input, nothing written."""
     from pare_nemo.prune import load_plan
 
-    save = Path(save_path)
-    # ---- everything checked before any work
-    for name, value, allowed in (("kd", kd, KD_KINDS), ("intermediate_loss", intermediate_loss,
-                                  INTERMEDIATE), ("hidden_match", hidden_match, HIDDEN_MATCH),
-                                 ("recompute", recompute, ("none", "selective", "full")),
-                                 ("on_nan", on_nan, ("skip", "stop")),
-                                 ("dtype", dtype, ("bfloat16", "float32"))):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r}: expected one of {allowed}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha}: the CE weight must be in [0, 1]")
-    if recompute == "full" and (intermediate_loss != "none" or embedding_weight):
-        raise ValueError("recompute=full reruns whole layers in backward, so intermediate states "
-                         "have no graph: use recompute=selective with intermediate losses")
-    if min(train_steps, global_batch_size, micro_batch_size, seq_length, save_interval,
-           log_interval) < 1 or keep_last < 1:
-        raise ValueError("train_steps, global_batch_size, micro_batch_size, seq_length, "
-                         "save_interval, log_interval and keep_last must be >= 1")
-    if not 0 <= warmup_steps < train_steps or not 0 <= min_lr <= lr:
-        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < train_steps ({train_steps}) "
-                         f"and 0 <= min_lr ({min_lr}) <= lr ({lr})")
-    tc, _, _ = read_model_config(teacher_path)
-    sc, s_padded, _ = read_model_config(student_path)
-    check_same_tokenizer(teacher_path, student_path)
-    check_seq_length(seq_length, sc)
-    check_seq_length(seq_length, tc)
-    check_parallel_sizes(tc, tp, pp, uneven_pipeline=True)
-    check_parallel_sizes(sc, tp, pp, uneven_pipeline=True)
-    world = world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
-    dp = world // (tp * pp)
-    if global_batch_size % (dp * micro_batch_size):
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by data-parallel "
-                         f"size {dp} x micro_batch_size {micro_batch_size}")
-    plan = load_plan(student_path)
-    pairs = pairing(sc, tc, plan, intermediate_loss, student_layers, teacher_layers,
-                    embedding=bool(embedding_weight))
-    check_pairs_on_stages(pairs, sc.num_hidden_layers, tc.num_hidden_layers, pp,
-                          embedding_weight)
-    check_data(data, teacher_path)
-    resume = check_save_path(save, args)
-    return _train(args, save, resume, tc, sc, s_padded, pairs, dp)
+    cfg.kd.check()
+    cfg.run.check()
+    cfg.optimizer.check(cfg.run.train_steps)
+    tc, sc, padded = cfg.models.check()
+    need(cfg.models.recompute != "full" or not cfg.kd.states,
+         "recompute=full reruns whole layers in backward, so intermediate states have no graph: "
+         "use recompute=selective with intermediate losses")
+    dp = cfg.parallel.check(tc, sc, uneven=True)
+    cfg.batch.check(tc, sc, dp=dp)
+    pairs = pairing(sc, tc, load_plan(cfg.models.student_path), cfg.kd)
+    check_pairs_on_stages(pairs, sc.num_hidden_layers, tc.num_hidden_layers, cfg.parallel.pp)
+    cfg.data.check(cfg.models.teacher_path)
+    return Checked(tc, sc, padded, pairs, dp, rundir.check_save_path(cfg))
 
 
-def _train(args: dict, save: Path, resume: bool, tc, sc, s_padded, pairs: Pairing,
-           dp: int) -> str:
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
+def distill(cfg: DistillConfig | None = None, **flat) -> str:
+    """Distill a pruned student from its teacher (logit KD + optional intermediate losses)."""
+    from pare_nemo.engine import StopSignals
+    from pare_nemo.parallel import distributed
 
-    from pare_nemo import checkpoint as ckpt
-    from pare_nemo.data import batch_at
-    from pare_nemo.olmo3.model import document_ids
-    from pare_nemo.parallel import device, distributed
-    from pare_nemo.train import REQUEUE_EXIT_CODE, StopSignals, run_step, setup_training
-
-    a = args
-    dtype = getattr(torch, a["dtype"])
-    gbs, mbs, S = a["global_batch_size"], a["micro_batch_size"], a["seq_length"]
-    with distributed(a["tp"], a["pp"]), StopSignals() as signals:
-        rank0 = dist.get_rank() == 0
-        train_set, valid_set = _datasets(
-            a["data"], a["student_path"], S, a["train_steps"] * gbs, gbs,
-            a["eval_samples"] if a["eval_interval"] else 0, a["seed"], a["split"])
-        torch.manual_seed(a["seed"])
-        overrides = dict(calculate_per_token_loss=True)
-        if a["document_mask"]:  # per-token RoPE positions: the unfused RoPE
-            overrides["apply_rope_fusion"] = False
-        if a["recompute"] != "none":
-            overrides.update(recompute_granularity=a["recompute"],
-                             recompute_method="uniform" if a["recompute"] == "full" else None,
-                             recompute_num_layers=1 if a["recompute"] == "full" else None)
-        student, _ = ckpt.load_model(a["student_path"], parallel_output=True, dtype=dtype,
-                                     uneven_pipeline=True, **overrides)
-        teacher, _ = ckpt.load_model(a["teacher_path"], parallel_output=True, dtype=dtype,
-                                     uneven_pipeline=True,
-                                     **({"apply_rope_fusion": False} if a["document_mask"]
-                                        else {}))
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if a["hidden_match"] == "projection":
-            add_projections(student, pairs, sc.hidden_size, tc.hidden_size,
-                            bool(a["embedding_weight"]))
-        chunks, optimizer, scheduler = setup_training(
-            student, lr=a["lr"], train_steps=a["train_steps"], warmup_steps=a["warmup_steps"],
-            min_lr=a["min_lr"], weight_decay=a["weight_decay"], clip_grad=a["clip_grad"])
-        distiller = Distiller(chunks[0], teacher, sc, tc, pairs, sc.vocab_size, kd=a["kd"],
-                              beta=a["beta"], temperature=a["temperature"], top_k=a["top_k"],
-                              alpha=a["alpha"], intermediate=a["intermediate_loss"],
-                              intermediate_weight=a["intermediate_weight"],
-                              embedding_weight=a["embedding_weight"],
-                              hidden_match=a["hidden_match"], balance=a["balance"])
-
-        if rank0 and not resume:  # the run directory: a Pare checkpoint once the tracker exists
-            _start_run_dir(save, a, sc, s_padded, dtype)
-        dist.barrier()
-        state = ckpt.load_training_checkpoint(save, chunks, optimizer, scheduler) if resume \
-            else None
-        step = state["iteration"] if state else 0
-        consumed = state["consumed_samples"] if state else 0
-        distiller.scales = dict(state.get("balance_scales", {})) if state else {}
-        history = _History(save, step, rank0, a["tensorboard"])
-        if state and rank0:
-            print(f"resuming {save} at step {step} ({consumed} samples consumed)", flush=True)
-
-        dev = device()
-        eos = _eos(a["student_path"])
-        positions = torch.arange(S, device=dev).expand(mbs, S)
-        dp_rank = ps.get_data_parallel_rank()
-
-        def micro_batches(dataset, consumed_samples, rows):
-            batch = batch_at(dataset, consumed_samples, rows, dp_rank, dp)
-            tokens, mask = batch.tokens, batch.mask
-            docs = document_ids(tokens, eos) if a["document_mask"] else None
-            return [(tokens[i:i + mbs].to(dev), mask[i:i + mbs].to(dev),
-                     None if docs is None else docs[i:i + mbs].to(dev), positions)
-                    for i in range(0, tokens.shape[0], mbs)]
-
-        flops = _flops_per_token(sc, S) * 3 + _flops_per_token(tc, S)
-        bar = tqdm(total=a["train_steps"], initial=step, desc="distill", unit="step",
-                   disable=not rank0)
-        t_last, tokens_since = time.perf_counter(), 0
-        skipped_in_a_row = 0
-        exit_code = 0
-        while step < a["train_steps"]:
-            if device().type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            result = run_step(chunks, optimizer, scheduler, micro_batches(train_set, consumed, gbs),
-                              distiller.forward_step, S, mbs,
-                              adjust_tensor_shapes_fn=distiller.adjust_tensor_shapes,
-                              on_nan=a["on_nan"])
-            inter = distiller.reduce_aux()
-            step += 1
-            consumed += gbs
-            tokens_since += gbs * S
-            bar.update(1)
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            if skipped_in_a_row >= 10:
-                raise FloatingPointError(f"{skipped_in_a_row} steps in a row had a non-finite "
-                                         "loss or gradient; stopping (nothing was saved from them)")
-            if a["balance"] and not result.skipped:
-                kd_mean = result.losses.get("kd", 0.0)
-                distiller.scales = {n: (kd_mean / v if v > 0 else 1.0) for n, v in inter.items()}
-            row = {"step": step, "consumed_tokens": consumed * S,
-                   "loss": distiller.total(result.losses, inter),
-                   **{k: v for k, v in result.losses.items() if k != "loss"}, **inter,
-                   "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped}
-            if step % a["log_interval"] == 0 or step == a["train_steps"]:
-                dt = time.perf_counter() - t_last
-                row["tokens_per_s"] = tokens_since / dt
-                row["mfu"] = _mfu(flops * tokens_since / dt / dist.get_world_size())
-                if dev.type == "cuda":
-                    row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                t_last, tokens_since = time.perf_counter(), 0
-                if rank0:
-                    bar.write(_log_line(row))
-            if a["eval_interval"] and (step % a["eval_interval"] == 0
-                                       or step == a["train_steps"]):
-                row.update({f"valid {k}": v for k, v in _evaluate(
-                    chunks, distiller, micro_batches(valid_set, 0, a["eval_samples"]),
-                    S, mbs).items()})
-                if rank0:
-                    bar.write("  validation: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in row.items() if k.startswith("valid")))
-            history.add(row)
-            stop = signals.requested()
-            if stop or step % a["save_interval"] == 0 or step == a["train_steps"]:
-                ckpt.save_training_checkpoint(
-                    save, step, chunks, optimizer, scheduler,
-                    {"iteration": step, "consumed_samples": consumed,
-                     "balance_scales": distiller.scales}, keep_last=a["keep_last"])
-                history.flush()
-            if stop and step < a["train_steps"]:
-                if rank0:
-                    bar.write(f"{signals.received or 'stop signal'}: saved step {step}; exiting "
-                              f"with {REQUEUE_EXIT_CODE} so the job is requeued and resumes")
-                exit_code = REQUEUE_EXIT_CODE
-                break
-        bar.close()
-        distiller.remove_hooks()
-        history.close(plot=exit_code == 0)
+    cfg = DistillConfig.of(cfg, **flat)
+    checked = check(cfg)
+    with distributed(cfg.parallel.tp, cfg.parallel.pp), StopSignals() as signals:
+        run = Distillation(cfg, checked)
+        exit_code = run.train(signals)
+        run.close(plot=exit_code == 0)
     if exit_code:
         sys.exit(exit_code)
-    return str(save)
+    return cfg.run.save_path
 
 
-def _evaluate(chunks, distiller: Distiller, micro_batches, S, mbs) -> dict:
-    """Mean KD (and CE, intermediate terms) of the student on held-out rows, forward only."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+class Distillation:
+    """One distillation run on this rank: ``__init__`` sets it up (data, teacher and student,
+    optimizer, run directory, resume), ``train`` is the loop."""
 
-    from pare_nemo.train import reduce_reports
+    def __init__(self, cfg: DistillConfig, checked: Checked):
+        from pare_nemo.checkpoint import eos_token_id, load_model, load_training_checkpoint
+        from pare_nemo.engine import setup_training
+        from pare_nemo.metrics import Metrics, flops_per_token
 
-    for c in chunks:
-        c.eval()
-    with torch.no_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=distiller.forward_step, data_iterator=iter(micro_batches),
-            model=chunks, num_microbatches=len(micro_batches), seq_length=S,
-            micro_batch_size=mbs, forward_only=True,
-            **({"adjust_tensor_shapes_fn": distiller.adjust_tensor_shapes}
-               if distiller.pp > 1 else {}))
-    out = reduce_reports(reports)
-    out.update(distiller.reduce_aux())
-    for c in chunks:
-        c.train()
-    return out
+        self.cfg, m, S = cfg, cfg.models, cfg.batch.seq_length
+        self.rank0, self.dp = dist.get_rank() == 0, checked.dp
+        self.eos = eos_token_id(m.student_path)
+        self.train_set, self.valid_set = self.datasets()
+        torch.manual_seed(cfg.data.seed)
+        dtype = getattr(torch, m.dtype)
+        student, _ = load_model(m.student_path, parallel_output=True, dtype=dtype,
+                                uneven_pipeline=True, **self.overrides(student=True))
+        teacher, _ = load_model(m.teacher_path, parallel_output=True, dtype=dtype,
+                                uneven_pipeline=True, **self.overrides(student=False))
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if cfg.kd.hidden_match == "projection":
+            add_projections(student, checked.pairs, checked.student.hidden_size,
+                            checked.teacher.hidden_size, bool(cfg.kd.embedding_weight))
+        self.chunks, self.optimizer, self.scheduler = setup_training(
+            student, cfg.optimizer, cfg.run.train_steps)
+        self.distiller = Distiller(self.chunks[0], teacher, checked.student, checked.teacher,
+                                   checked.pairs, checked.student.vocab_size, cfg.kd)
+        if self.rank0 and not checked.resume:
+            rundir.start(cfg, checked.student, checked.padded_vocab, dtype)
+        dist.barrier()
+        state = load_training_checkpoint(cfg.run.save_path, self.chunks, self.optimizer,
+                                         self.scheduler) if checked.resume else None
+        self.step = state["iteration"] if state else 0
+        self.consumed = state["consumed_samples"] if state else 0
+        self.distiller.scales = dict(state.get("balance_scales", {})) if state else {}
+        flops = flops_per_token(checked.student, S) * 3 + flops_per_token(checked.teacher, S)
+        self.metrics = Metrics(Path(cfg.run.save_path), self.step, cfg.run.train_steps,
+                               self.rank0, cfg.run.tensorboard, flops, dist.get_world_size())
+        if state:
+            self.metrics.say(f"resuming {cfg.run.save_path} at step {self.step} "
+                             f"({self.consumed} samples consumed)")
 
+    def train(self, signals) -> int:
+        """The loop, until ``train_steps``: a step, its metrics, validation, a checkpoint on the
+        intervals; on SIGTERM/SIGUSR1 a checkpoint, then the exit code that requeues the job."""
+        from pare_nemo.engine import REQUEUE_EXIT_CODE, run_step
 
-def _start_run_dir(save: Path, args: dict, sc, s_padded, dtype) -> None:
-    """What makes the run directory a Pare checkpoint (config, tokenizer, plan) and a resumable
-    run (its arguments); checkpoints and the tracker come with each save."""
-    import shutil
+        run, gbs = self.cfg.run, self.cfg.batch.global_batch_size
+        skipped_in_a_row = 0
+        while self.step < run.train_steps:
+            self.metrics.step_started()
+            result = run_step(self.chunks, self.optimizer, self.scheduler,
+                              self.batches(self.train_set, self.consumed, gbs),
+                              self.distiller.forward_step,
+                              adjust_tensor_shapes_fn=self.distiller.adjust_tensor_shapes,
+                              on_nan=run.on_nan)
+            terms = self.distiller.reduce_aux()
+            self.step, self.consumed = self.step + 1, self.consumed + gbs
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(f"{skipped_in_a_row} steps in a row had a non-finite "
+                                         "loss or gradient; stopping (nothing was saved from them)")
+            self.distiller.rebalance(result, terms)
+            row = self.row(result, terms)
+            if self.due(run.eval_interval):
+                row |= {f"valid {k}": v for k, v in self.validate().items()}
+            self.metrics.add(row, log=self.due(run.log_interval))
+            stop = signals.requested()
+            if stop or self.due(run.save_interval):
+                self.save()
+            if stop and self.step < run.train_steps:
+                self.metrics.say(f"{signals.received or 'stop signal'}: saved step {self.step}; "
+                                 f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued and "
+                                 "resumes")
+                return REQUEUE_EXIT_CODE
+        return 0
 
-    from pare_nemo.checkpoint import TOKENIZER_DIR, write_model_config
-    from pare_nemo.prune import PLAN_FILE
+    # ---- what the loop calls
 
-    save.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(Path(args["student_path"]) / TOKENIZER_DIR, save / TOKENIZER_DIR,
-                    dirs_exist_ok=True)
-    plan = Path(args["student_path"]) / PLAN_FILE
-    if plan.exists():
-        shutil.copy(plan, save / PLAN_FILE)
-    write_model_config(save, sc, s_padded, dtype)
-    tmp = save / (ARGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(args, indent=2))
-    tmp.rename(save / ARGS_FILE)
+    def due(self, interval: int) -> bool:
+        """Every ``interval`` steps and at the last one (never for 0)."""
+        return bool(interval) and (self.step % interval == 0
+                                   or self.step == self.cfg.run.train_steps)
 
+    def batches(self, dataset, start: int, rows: int) -> list[MicroBatch]:
+        """This DP rank's micro-batches of the rows [start, start + rows) of ``dataset``."""
+        from megatron.core import parallel_state as ps
 
-def _eos(checkpoint) -> int:
-    from pare_nemo.checkpoint import read_model_config
+        from pare_nemo.data import batch_at
+        from pare_nemo.engine import micro_batches
+        from pare_nemo.olmo3.model import document_ids
 
-    hf, _, _ = read_model_config(checkpoint)
-    eos = hf.eos_token_id
-    return eos[0] if isinstance(eos, list) else eos
+        b = batch_at(dataset, start, rows, ps.get_data_parallel_rank(), self.dp)
+        docs = document_ids(b.tokens, self.eos) if self.cfg.data.document_mask else None
+        return micro_batches(b.tokens, b.mask, self.cfg.batch.micro_batch_size, docs)
 
+    def row(self, result, terms: dict) -> dict:
+        """The step's metrics row (``metrics.jsonl``, TensorBoard, the log line)."""
+        tokens = self.cfg.batch.global_batch_size * self.cfg.batch.seq_length
+        row = {"step": self.step, "consumed_tokens": self.consumed * self.cfg.batch.seq_length,
+               "loss": self.distiller.total(result.losses, terms),
+               **{k: v for k, v in result.losses.items() if k != "loss"}, **terms,
+               "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped}
+        self.metrics.count(tokens)
+        if self.due(self.cfg.run.log_interval):
+            row |= self.metrics.throughput()
+        return row
 
-def _flops_per_token(hf, seq_length: int) -> float:
-    """Forward FLOPs per token: 2 x (matmul parameters) + attention scores (causal: half)."""
-    h, L = hf.hidden_size, hf.num_hidden_layers
-    heads, kv = hf.num_attention_heads, hf.num_key_value_heads
-    d = getattr(hf, "head_dim", None) or h // heads
-    per_layer = h * d * (2 * heads + 2 * kv) + 3 * h * hf.intermediate_size
-    attn = 2 * heads * d * seq_length  # q.k and p.v over half the keys on average, x2 FLOPs
-    return 2 * (L * per_layer + h * hf.vocab_size) + L * attn
+    def validate(self) -> dict:
+        return self.distiller.validate(self.chunks, self.batches(self.valid_set, 0,
+                                                                  self.cfg.run.eval_samples))
 
+    def save(self) -> None:
+        from pare_nemo.checkpoint import save_training_checkpoint
 
-def _mfu(flops_per_s_per_gpu: float) -> float | None:
-    """Model FLOPs utilization against the GPU's dense bf16 peak (None off GPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
-                                ("B200", 2250e12)) if k in name), None)
-    return None if peak is None else flops_per_s_per_gpu / peak
+        save_training_checkpoint(
+            self.cfg.run.save_path, self.step, self.chunks, self.optimizer, self.scheduler,
+            {"iteration": self.step, "consumed_samples": self.consumed,
+             "balance_scales": self.distiller.scales}, keep_last=self.cfg.run.keep_last)
+        self.metrics.flush()
 
+    def close(self, plot: bool) -> None:
+        self.distiller.remove_hooks()
+        self.metrics.close(plot)
 
-def _log_line(row: dict) -> str:
-    parts = [f"step {row['step']}", f"tokens {row['consumed_tokens']:.3g}"]
-    for k, v in row.items():
-        if k in ("step", "consumed_tokens") or v is None or k.startswith("valid"):
-            continue
-        if k == "skipped":
-            if v:
-                parts.append("SKIPPED (non-finite)")
-        elif k == "lr":
-            parts.append(f"lr {v:.2e}")
-        elif k == "tokens_per_s":
-            parts.append(f"{v:,.0f} tok/s")
-        elif k == "mfu":
-            parts.append(f"MFU {v:.1%}")
-        elif k == "peak_memory_gb":
-            parts.append(f"peak {v:.1f} GB")
-        else:
-            parts.append(f"{k} {v:.4f}")
-    return " | ".join(parts)
+    # ---- set-up helpers
 
+    def datasets(self):
+        """(train, valid) packed-row datasets; every rank builds them (rank 0 writes the index
+        cache)."""
+        from pare_nemo.data import DataError, training_dataset
 
-class _History:
-    """Per-step metrics: ``metrics.jsonl`` (rewritten up to the resumed step, so a resumed run's
-    file is the uninterrupted run's), TensorBoard events, and ``loss_curve.png`` at the end."""
+        c = self.cfg
+        prefixes, weights = c.data.check()
+        eval_samples = c.run.eval_samples if c.run.eval_interval else 0
+        train, valid = training_dataset(
+            prefixes, c.batch.seq_length, c.run.train_steps * c.batch.global_batch_size,
+            c.batch.global_batch_size, c.data.seed, self.eos, split=c.data.split,
+            weights=weights, valid_samples=eval_samples or None)
+        if eval_samples and valid is None:
+            raise DataError(f"eval_interval needs a validation split; split={c.data.split!r} "
+                            "has none")
+        return train, valid
 
-    def __init__(self, save: Path, step: int, rank0: bool, tensorboard: bool):
-        self.rank0, self.file = rank0, save / "metrics.jsonl"
-        self.rows, self.pending, self.writer = [], [], None
-        if not rank0:
-            return
-        if self.file.exists():
-            self.rows = [r for r in map(json.loads, self.file.read_text().splitlines())
-                         if r["step"] <= step]
-            self._write(self.rows, "w")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(save / "tensorboard"), purge_step=step + 1)
-            except ImportError:
-                print("tensorboard is not installed: no TensorBoard events", flush=True)
-
-    def _write(self, rows, mode):
-        with open(self.file, mode) as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    def add(self, row: dict):
-        if not self.rank0:
-            return
-        self.rows.append(row)
-        self.pending.append(row)
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" \
-                        and v is not None and math.isfinite(v):
-                    self.writer.add_scalar(k.replace(" ", "_"), v, row["step"])
-
-    def flush(self):
-        """Called after each checkpoint: the file never gets ahead of the saved state by more
-        than the steps a resume replays (they are cut on resume)."""
-        if self.rank0 and self.pending:
-            self._write(self.pending, "a")
-            self.pending = []
-            if self.writer is not None:
-                self.writer.flush()
-
-    def close(self, plot: bool):
-        self.flush()
-        if not self.rank0:
-            return
-        if self.writer is not None:
-            self.writer.close()
-        if plot and self.rows:
-            plot_losses(self.rows, self.file.parent / "loss_curve.png")
-
-
-def plot_losses(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    keys = [k for k in rows[-1] if k in ("loss", "kd", "ce") or k.startswith("layer")
-            or k == "embedding"]
-    for k in keys:
-        ax.plot(steps, [r.get(k) for r in rows], label=k)
-    valid = [(r["step"], r["valid loss"]) for r in rows if "valid loss" in r]
-    if valid:
-        ax.plot(*zip(*valid), "o-", label="valid loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per token")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("distillation")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.rename(path)
+    def overrides(self, student: bool) -> dict:
+        """Megatron config overrides: document masks need per-token RoPE positions (the unfused
+        RoPE); the student trains with a per-token loss and its activation recompute."""
+        out = {"apply_rope_fusion": False} if self.cfg.data.document_mask else {}
+        recompute = self.cfg.models.recompute
+        if student:
+            out["calculate_per_token_loss"] = True
+            if recompute != "none":
+                full = recompute == "full"
+                out.update(recompute_granularity=recompute,
+                           recompute_method="uniform" if full else None,
+                           recompute_num_layers=1 if full else None)
+        return out

@@ -3,7 +3,7 @@ for the compression report (teacher vs pruned vs distilled).
 
 Checkpoints are Pare Megatron checkpoints (loaded at the given TP/PP; the loss is the shared
 vocab-parallel :func:`pare_nemo.losses.cross_entropy`, through
-:func:`pare_nemo.data.next_token_nll`, the one loss definition of every stage) or Hugging Face
+:func:`pare_nemo.losses.next_token_nll`, the one loss definition of every stage) or Hugging Face
 model directories / Hub ids (transformers; fp32 on CPU). Every checkpoint sees the same rows:
 
 - a ``pare prepare-data`` prefix (or a blend ``w:prefix,w:prefix``): rows of its **validation
@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pare_nemo.config import DEFAULT_SPLIT, Data, EvalConfig, need
+
 EVAL_FILE = "eval.json"
-DEFAULT_SPLIT = "98,2,0"  # pare distill's default
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # what checkpoints are evaluated in
 
 
 @dataclass
@@ -116,33 +117,30 @@ def param_counts(ckpt: Checkpoint) -> tuple[int, int]:
 # ---------------------------------------------------------------- which rows are held out
 
 
-def _distill_runs(checkpoints: list[Checkpoint]) -> list[tuple[str, dict]]:
-    """(checkpoint name, its distill_args.json) of the distillation runs among the checkpoints."""
-    from pare_nemo.distill import ARGS_FILE
+def _distill_runs(checkpoints: list[Checkpoint]) -> list[tuple[str, Data]]:
+    """(checkpoint name, the data its run trained on) of the distillation runs among the
+    checkpoints."""
+    from pare_nemo import rundir
 
-    out = []
-    for c in checkpoints:
-        f = c.path / ARGS_FILE
-        if c.kind == "megatron" and f.exists():
-            out.append((c.name, json.loads(f.read_text())))
-    return out
+    runs = [(c.name, rundir.read_data(c.path)) for c in checkpoints if c.kind == "megatron"]
+    return [(name, data) for name, data in runs if data is not None]
 
 
 def _same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def prefix_split(prefixes: list[str], split: str | None, runs: list[tuple[str, dict]]) -> str:
+def prefix_split(prefixes: list[str], split: str | None, runs: list[tuple[str, Data]]) -> str:
     """The train,valid,test split to read the prefixes' validation part with: the one the
     distillation runs that read these prefixes used (another is refused), else ``split`` or
     distill's default."""
-    from pare_nemo.distill import parse_data
+    from pare_nemo.data import parse_data
 
     used = {}
-    for name, args in runs:
-        theirs = parse_data(args["data"])[0]
+    for name, run in runs:
+        theirs = parse_data(run.data)[0]
         if any(_same_path(p, q) for p in prefixes for q in theirs):
-            used[name] = args.get("split", DEFAULT_SPLIT)
+            used[name] = run.split
     if len(set(used.values())) > 1:
         raise ValueError(f"the distillation runs {sorted(used)} read this data with different "
                          f"splits {used}: no one validation split is held out for all of them")
@@ -224,12 +222,12 @@ def raw_start_row(data: str, seq_length: int, pack: bool, split: str,
     return start, notes
 
 
-def refuse_distillation_text(data: str, runs: list[tuple[str, dict]]) -> None:
+def refuse_distillation_text(data: str, runs: list[tuple[str, Data]]) -> None:
     """Raw data that a distillation run among the checkpoints was trained on is refused."""
-    from pare_nemo.distill import parse_data
+    from pare_nemo.data import parse_data
 
-    for name, args in runs:
-        for p in parse_data(args["data"])[0]:
+    for name, run in runs:
+        for p in parse_data(run.data)[0]:
             meta_file = Path(p + ".json").expanduser()
             if not meta_file.exists():
                 continue
@@ -245,46 +243,24 @@ def refuse_distillation_text(data: str, runs: list[tuple[str, dict]]) -> None:
 # ---------------------------------------------------------------- losses
 
 
-def _reduce(total: torch.Tensor, groups) -> torch.Tensor:
-    if dist.is_initialized():
-        for g in groups:
-            dist.all_reduce(total, group=g)
-    return total
-
-
 def megatron_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype,
                   document_mask: bool) -> tuple[float, int]:
     """(summed next-token NLL, predicted tokens) of a Megatron checkpoint over all rows, at the
     current TP/PP, rows split over the data-parallel ranks; the same on every rank."""
-    from megatron.core import parallel_state as ps
-
     from pare_nemo.checkpoint import load_model
-    from pare_nemo.data import next_token_nll
-    from pare_nemo.parallel import device, run_forward
+    from pare_nemo.engine import data_parallel_share, forward_loss
 
     overrides = {"apply_rope_fusion": False} if document_mask else {}  # per-document positions
     model, cfg = load_model(ckpt.path, parallel_output=True, dtype=dtype, uneven_pipeline=True,
                             **overrides)
     model.eval()
-    tp_group = ps.get_tensor_model_parallel_group()
-    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-
-    def step(tok, msk):
-        def loss_func(logits):  # vocab-parallel logits on the last stage
-            s, n = next_token_nll(logits, tok, msk, cfg.vocab_size, tp_group)
-            return s, {"nll": s.detach().double(), "n": n.double()}
-        return loss_func
-
-    outs = run_forward(model, tokens[r::dp], mask[r::dp], micro_batch_size, step,
-                       document_ids=None if docs is None else docs[r::dp])
-    total = torch.zeros(2, dtype=torch.float64, device=device())
-    for o in outs:
-        total += torch.stack([o["nll"], o["n"]]).to(total.device)
+    share = data_parallel_share
+    out = forward_loss(model, share(tokens), share(mask), micro_batch_size, cfg.vocab_size,
+                       document_ids=None if docs is None else share(docs))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _reduce(total, [ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()])
-    return total[0].item(), int(total[1].item())
+    return out
 
 
 def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
@@ -292,10 +268,10 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
     """(summed next-token NLL, predicted tokens, params, non-embedding params, dtype) of an HF
     model with transformers, rows split over all ranks. With ``docs`` each document of a row runs
     alone (exactly what the Megatron model's document mask computes); the logits are then one
-    row's again and the loss is :func:`pare_nemo.data.next_token_nll` as for Megatron."""
+    row's again and the loss is :func:`pare_nemo.losses.next_token_nll` as for Megatron."""
     from transformers import AutoModelForCausalLM
 
-    from pare_nemo.data import next_token_nll
+    from pare_nemo.losses import next_token_nll
     from pare_nemo.parallel import device
 
     dev = device()
@@ -322,7 +298,8 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _reduce(total, [None])
+    if dist.is_initialized():
+        dist.all_reduce(total)
     return total[0].item(), int(total[1].item()), params, non_emb, used
 
 
@@ -333,80 +310,92 @@ def _segment_lengths(doc_ids: torch.Tensor) -> list[int]:
 # ---------------------------------------------------------------- the stage
 
 
-def evaluate(checkpoints: str, data: str, output: str = "eval.json", num_samples: int = 128,
-             seq_length: int = 4096, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-             split: str | None = None, pack: bool = True, document_mask: bool = True,
-             dtype: str | None = None, seed: int = 1234, overwrite: bool = False,
-             tasks: str | None = None, num_fewshot: int | None = None,
-             task_limit: int | None = None, chat_template: bool | None = None,
-             report: bool = True, max_new_tokens: int = 64,
-             batch_sizes: list[int] | None = None) -> str:
-    """Held-out loss/perplexity of checkpoints on the same tokens; tasks, speed and the report."""
-    # checkpoints: "name:path,name:path" (str, so that pare and nemo llm parse it alike)
-    from rich.console import Console
-    from transformers import AutoTokenizer
+@dataclass
+class Checked:
+    """What ``check`` learned before any work: the checkpoints, the rows to read, the DP size."""
 
-    from pare_nemo.olmo3.bridge import check_parallel_sizes
-    from pare_nemo.checkpoint import read_model_config
-    from pare_nemo.data import (
-        PYDOC,
-        DataError,
-        _looks_like_path,
-        check_seq_length,
-        load_token_data,
-        tokenizer_fingerprint,
-    )
-    from pare_nemo.distill import check_data, parse_data
-    from pare_nemo.olmo3.model import document_ids
-    from pare_nemo.parallel import distributed, world_size
+    checkpoints: list[Checkpoint]
+    output: Path  # eval.json
+    tasks: list[str]
+    dp: int
+    eos: int | None
+    prefixes: list[str] | None  # a prepare-data prefix (blend): its validation split is read
+    weights: list[float] | None
+    split: str
+    start: int  # raw text: the first row no stage used
+    tokenizer: object
+    notes: list[str]
 
-    # ---- everything checked before any work
-    named = parse_checkpoints(checkpoints)
-    if min(num_samples, micro_batch_size) < 1 or seq_length < 2:
-        raise ValueError(f"num_samples={num_samples} and micro_batch_size={micro_batch_size} must "
-                         f"be >= 1, seq_length={seq_length} >= 2")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES} (or none: the checkpoint's)")
-    out = Path(output).expanduser()
+
+def check(cfg: EvalConfig) -> Checked:
+    """Everything checked before any work starts: a clear error for bad input, nothing written."""
+    from pare_nemo.data import PYDOC, _looks_like_path, check_data, parse_data
+
+    rows, par = cfg.rows, cfg.parallel
+    named = parse_checkpoints(cfg.checkpoints)
+    rows.check()
+    need(cfg.dtype is None or cfg.dtype in DTYPES,
+         f"dtype={cfg.dtype!r}: expected one of {DTYPES} (or none: the checkpoint's)")
+    out = Path(cfg.output).expanduser()
     out = out if out.suffix == ".json" else out / EVAL_FILE
-    if out.exists() and not overwrite:
+    if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output {out} already exists; pass overwrite=true to replace it")
     report_dir = out.parent / REPORT_DIR
-    if report and report_dir.exists() and not overwrite:
+    if cfg.downstream.report and report_dir.exists() and not cfg.overwrite:
         raise FileExistsError(f"report {report_dir} already exists; pass overwrite=true to "
                               "replace it")
-    batch_sizes = list(batch_sizes or (1, 8))
-    if report and (max_new_tokens < 1 or min(batch_sizes) < 1):
-        raise ValueError(f"max_new_tokens={max_new_tokens} and batch_sizes={batch_sizes} must be "
-                         ">= 1")
-    task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
-    if task_names:
-        from pare_nemo.report import check_tasks, task_manager
-
-        check_tasks(task_names, task_manager(task_names))  # unknown names: before any work
+    tasks = cfg.downstream.check()  # unknown task names: before any work
     ckpts = [find_checkpoint(n, p) for n, p in named]
-    world = world_size()
     megatron = [c for c in ckpts if c.kind == "megatron"]
     for c in megatron:
         try:
-            check_parallel_sizes(c.config, tp, pp, uneven_pipeline=True)
+            par.check(c.config, uneven=True)
         except ValueError as e:
             raise ValueError(f"checkpoint {c.name!r}: {e}") from None
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tp={tp} and pp={pp} must be >= 1")
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp * pp}")
-    dp = world // (tp * pp)
-    if megatron and num_samples % (dp * micro_batch_size):
-        raise ValueError(f"num_samples={num_samples} is not a multiple of data-parallel size {dp} "
-                         f"x micro_batch_size {micro_batch_size}")
+    dp = par.check()
+    if megatron:  # (transformers runs its rows one micro-batch at a time, any count)
+        rows.check(*[c.config for c in megatron], dp=dp)
     for c in ckpts:
-        if c.kind == "megatron":
-            check_seq_length(seq_length, c.config)
-        elif seq_length > getattr(c.config, "max_position_embeddings", seq_length):
-            raise ValueError(f"seq_length={seq_length} is longer than checkpoint {c.name!r}'s "
-                             f"context ({c.config.max_position_embeddings})")
-    fingerprints = {}
+        need(c.kind == "megatron"
+             or rows.seq_length <= getattr(c.config, "max_position_embeddings", rows.seq_length),
+             f"seq_length={rows.seq_length} is longer than checkpoint {c.name!r}'s context "
+             f"({getattr(c.config, 'max_position_embeddings', None)})")
+    tokenizer, fingerprint = same_tokenizer(ckpts)
+    eos = tokenizer.eos_token_id
+    need(not cfg.document_mask or eos is not None,
+         f"the tokenizer of {ckpts[0].name!r} has no EOS token, so packed rows have no document "
+         "boundaries: pass document_mask=false")
+    runs = _distill_runs(ckpts)
+    prefixes, weights = parse_data(cfg.data)
+    start, notes = 0, []
+    if any(Path(p + ".bin").expanduser().exists() for p in prefixes):
+        prefixes, weights = check_data(cfg.data)
+        for p in prefixes:
+            meta = Path(p + ".json").expanduser()
+            need(not meta.exists() or json.loads(meta.read_text()).get("tokenizer_sha256")
+                 == fingerprint, f"data {p} was tokenized with another tokenizer than the "
+                                 "checkpoints'; run pare prepare-data with their tokenizer")
+        split = prefix_split(prefixes, cfg.split, runs)
+        check_prefix_rows(prefixes, weights, split, rows.num_samples, rows.seq_length)
+    else:
+        if cfg.data != PYDOC and _looks_like_path(cfg.data) and not Path(
+                cfg.data).expanduser().exists():
+            raise FileNotFoundError(f"data {cfg.data} does not exist (neither a prepare-data "
+                                    f"prefix {cfg.data}.bin / .idx nor a file)")
+        prefixes = weights = None
+        split = cfg.split or "train"
+        refuse_distillation_text(cfg.data, runs)
+        start, notes = raw_start_row(cfg.data, rows.seq_length, cfg.pack, split, ckpts)
+    return Checked(ckpts, out, tasks, dp, eos, prefixes, weights, split, start, tokenizer, notes)
+
+
+def same_tokenizer(ckpts: list[Checkpoint]):
+    """(the first checkpoint's tokenizer, its fingerprint); every checkpoint must have the same."""
+    from transformers import AutoTokenizer
+
+    from pare_nemo.data import tokenizer_fingerprint
+
+    fingerprints, tokenizer = {}, None
     for c in ckpts:
         try:
             tok = AutoTokenizer.from_pretrained(c.tokenizer_dir)
@@ -414,94 +403,89 @@ def evaluate(checkpoints: str, data: str, output: str = "eval.json", num_samples
             raise FileNotFoundError(f"checkpoint {c.name!r} has no tokenizer in {c.tokenizer_dir}"
                                     f": {e}") from None
         fingerprints[c.name] = (tokenizer_fingerprint(tok), tok.eos_token_id)
-        if len(fingerprints) == 1:
-            tokenizer = tok
+        tokenizer = tokenizer or tok
     first = ckpts[0].name
     differ = [n for n, f in fingerprints.items() if f != fingerprints[first]]
-    if differ:
-        raise ValueError(f"the tokenizers of {differ} differ from {first!r}'s (vocabulary or EOS): "
-                         "losses on different tokens are not comparable; evaluate them separately")
-    eos = tokenizer.eos_token_id
-    if document_mask and eos is None:
-        raise ValueError(f"the tokenizer of {first!r} has no EOS token, so packed rows have no "
-                         "document boundaries: pass document_mask=false")
-    runs = _distill_runs(ckpts)
-    prefixes, weights = parse_data(data)
-    is_prefix = any(Path(p + ".bin").expanduser().exists() for p in prefixes)
-    notes = []
-    if is_prefix:
-        prefixes, weights = check_data(data)
-        for p in prefixes:
-            meta = Path(p + ".json").expanduser()
-            if meta.exists() and json.loads(meta.read_text()).get("tokenizer_sha256") \
-                    != fingerprints[first][0]:
-                raise ValueError(f"data {p} was tokenized with another tokenizer than the "
-                                 "checkpoints'; run pare prepare-data with their tokenizer")
-        split = prefix_split(prefixes, split, runs)
-        check_prefix_rows(prefixes, weights, split, num_samples, seq_length)
-    else:
-        if data != PYDOC and _looks_like_path(data) and not Path(data).expanduser().exists():
-            raise FileNotFoundError(f"data {data} does not exist (neither a prepare-data prefix "
-                                    f"{data}.bin / .idx nor a file)")
-        split = split or "train"
-        refuse_distillation_text(data, runs)
-        start, notes = raw_start_row(data, seq_length, pack, split, ckpts)
+    need(not differ, f"the tokenizers of {differ} differ from {first!r}'s (vocabulary or EOS): "
+                     "losses on different tokens are not comparable; evaluate them separately")
+    return tokenizer, fingerprints[first][0]
 
+
+def held_out_rows(cfg: EvalConfig, checked: Checked):
+    """(rows, where they came from): the same rows for every checkpoint."""
+    from pare_nemo.data import DataError, batch_at, load_token_data, training_dataset
+
+    n, S, split = cfg.rows.num_samples, cfg.rows.seq_length, checked.split
+    if checked.prefixes is None:  # raw text, after the rows other stages used
+        rows = load_token_data(cfg.data, checked.tokenizer, checked.start + n, S, pack=cfg.pack,
+                               split=split)[checked.start:]
+        return rows, {"split": split, "rows": [checked.start, checked.start + n],
+                      "pack": cfg.pack}
+    _, valid = training_dataset(checked.prefixes, S, 1, 1, cfg.seed, checked.eos, split=split,
+                                weights=checked.weights, valid_samples=n)
+    if valid is None or len(valid) < n:
+        raise DataError(f"the validation split ({split}) of {cfg.data} gives "
+                        f"{0 if valid is None else len(valid)} rows; {n} were asked for")
+    return batch_at(valid, 0, n), {"split": split, "part": "valid", "seed": cfg.seed}
+
+
+def loss_of(c: Checkpoint, cfg: EvalConfig, rows, docs, dp: int) -> dict:
+    """One checkpoint's row of eval.json (without the data's description)."""
+    from pare_nemo.checkpoint import read_model_config
+    from pare_nemo.parallel import world_size
+
+    mbs = cfg.rows.micro_batch_size
+    if c.kind == "megatron":
+        dt = getattr(torch, cfg.dtype) if cfg.dtype else None
+        nll, n = megatron_loss(c, rows.tokens, rows.mask, docs, mbs, dt, cfg.document_mask)
+        params, non_emb = param_counts(c)
+        used = str(dt or read_model_config(c.path)[2]).removeprefix("torch.")
+        par = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
+    else:
+        dt = getattr(torch, cfg.dtype) if cfg.dtype else (
+            "auto" if torch.cuda.is_available() else torch.float32)
+        nll, n, params, non_emb, used = hf_loss(c, rows.tokens, rows.mask, docs, mbs, dt)
+        par = {"dp": world_size()}
+    loss = nll / n
+    return {"name": c.name, "path": str(c.path), "kind": c.kind, "params": params,
+            "non_embedding_params": non_emb, "loss": loss, "ppl": math.exp(loss), "tokens": n,
+            "dtype": used, "parallel": par}
+
+
+def evaluate(cfg: EvalConfig | None = None, **flat) -> str:
+    """Held-out loss/perplexity of checkpoints on the same tokens; tasks, speed and the report."""
+    from rich.console import Console
+
+    from pare_nemo.olmo3.model import document_ids
+    from pare_nemo.parallel import distributed
+
+    cfg = EvalConfig.of(cfg, **flat)
+    checked = check(cfg)
+    out, down = checked.output, cfg.downstream
     results = []
-    with distributed(tp, pp):
+    with distributed(cfg.parallel.tp, cfg.parallel.pp):
         rank0 = dist.get_rank() == 0
         say = Console().print if rank0 else (lambda *a, **k: None)
-        # ---- the rows, the same for every checkpoint
-        if is_prefix:
-            from pare_nemo.data import batch_at, training_dataset
-
-            _, valid = training_dataset(prefixes, seq_length, 1, 1, seed, eos, split=split,
-                                        weights=weights, valid_samples=num_samples)
-            if valid is None or len(valid) < num_samples:
-                raise DataError(f"the validation split ({split}) of {data} gives "
-                                f"{0 if valid is None else len(valid)} rows; {num_samples} "
-                                "were asked for")
-            rows = batch_at(valid, 0, num_samples)
-            where = {"split": split, "part": "valid", "seed": seed}
-        else:
-            rows = load_token_data(data, tokenizer, start + num_samples, seq_length, pack=pack,
-                                   split=split)[start:]
-            where = {"split": split, "rows": [start, start + num_samples], "pack": pack}
-        docs = document_ids(rows.tokens, eos) if document_mask else None
-        data_info = {"data": data, **where, "num_samples": num_samples, "seq_length": seq_length,
-                     "document_mask": document_mask, "sha256": rows.sha256()}
-        for n in notes:
+        rows, where = held_out_rows(cfg, checked)
+        docs = document_ids(rows.tokens, checked.eos) if cfg.document_mask else None
+        data_info = {"data": cfg.data, **where, "num_samples": cfg.rows.num_samples,
+                     "seq_length": cfg.rows.seq_length, "document_mask": cfg.document_mask,
+                     "sha256": rows.sha256()}
+        for n in checked.notes:
             say(n)
-        # ---- each checkpoint in turn
-        for c in ckpts:
+        for c in checked.checkpoints:
             say(f"evaluating {c.name} ({c.kind}: {c.path})")
-            if c.kind == "megatron":
-                dt = getattr(torch, dtype) if dtype else None
-                nll, n = megatron_loss(c, rows.tokens, rows.mask, docs, micro_batch_size, dt,
-                                       document_mask)
-                params, non_emb = param_counts(c)
-                used = str(dt or read_model_config(c.path)[2]).removeprefix("torch.")
-                par = {"tp": tp, "pp": pp, "dp": dp}
-            else:
-                dt = getattr(torch, dtype) if dtype else (
-                    "auto" if torch.cuda.is_available() else torch.float32)
-                nll, n, params, non_emb, used = hf_loss(c, rows.tokens, rows.mask, docs,
-                                                        micro_batch_size, dt)
-                par = {"dp": world}
-            loss = nll / n
-            results.append({"name": c.name, "path": str(c.path), "kind": c.kind,
-                            "params": params, "non_embedding_params": non_emb, "loss": loss,
-                            "ppl": math.exp(loss), "tokens": n, "dtype": used,
-                            "parallel": par, **data_info})
+            results.append(loss_of(c, cfg, rows, docs, checked.dp) | data_info)
         if rank0:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_results(out, results)
             print_table(results)
             print(f"results: {out}")
         dist.barrier()
-    if report and rank0:  # on exported HF models, in this process alone
-        compression_report(results, out, task_names, num_fewshot, task_limit, chat_template,
-                           max_new_tokens, batch_sizes, overwrite)
+    if down.report and rank0:  # on exported HF models, in this process alone
+        compression_report(results, out, checked.tasks, down.num_fewshot, down.task_limit,
+                           down.chat_template, down.max_new_tokens,
+                           list(down.batch_sizes or (1, 8)), cfg.overwrite)
     return str(out)
 
 

@@ -29,11 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pare_nemo.data import check_seq_length, next_token_nll
-from pare_nemo.parallel import run_forward
+from pare_nemo.config import ImportanceConfig, need
+from pare_nemo.engine import run_forward
 
-SEQ_AGGREGATIONS = ("mean", "l2")
-BATCH_AGGREGATIONS = ("l2", "mean")
 KEYS = ("mlp", "attention", "attn_ln", "ffn_ln", "layer", "layer_loss")
 
 
@@ -155,108 +153,85 @@ def _gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def lm_loss(model, data, micro_batch_size: int, vocab_size: int) -> float:
-    """Mean next-token NLL over real tokens (both positions real), reduced over DP, on all ranks."""
-    from megatron.core import parallel_state as ps
-
-    tp_group = ps.get_tensor_model_parallel_group() if dist.is_initialized() else None
-
-    def step(tokens, mask):
-        def loss_func(logits):  # vocab-parallel logits (parallel_output=True)
-            s, n = next_token_nll(logits, tokens, mask, vocab_size, tp_group)
-            return s, {"nll": s.detach().double(), "n": n.double()}
-        return loss_func
-
-    outs = run_forward(model, data.tokens, data.mask, micro_batch_size, step)
-    dev = next(model.parameters()).device
-    tot = torch.zeros(2, dtype=torch.float64, device=dev)
-    for o in outs:
-        tot += torch.stack([o["nll"], o["n"]]).to(dev)
-    if dist.is_initialized():
-        dist.all_reduce(tot, group=ps.get_data_parallel_group())
-        dist.all_reduce(tot, group=ps.get_pipeline_model_parallel_group())  # only last stage != 0
-    return (tot[0] / tot[1]).item()
-
-
 def set_skip(model, global_layer: int | None) -> None:
     """Skip exactly one layer (by global index) on whichever stage holds it; None skips none."""
     for layer in model.decoder.layers:
         layer.skip = layer.layer_number - 1 == global_layer
 
 
-def importance(megatron_path: str, data: str, scores_path: str, num_samples: int = 1024,
-               seq_length: int = 4096, micro_batch_size: int = 1, tp: int = 1, pp: int = 1,
-               seq: str = "mean", batch: str = "l2", layer_loss_samples: int = 64,
-               pack: bool = True, split: str = "train", overwrite: bool = False,
-               report: bool = True) -> str:
+def importance(cfg: ImportanceConfig | None = None, **flat) -> str:
     """Score every FFN neuron, head, hidden channel and layer of a Megatron checkpoint."""
-    from megatron.core import parallel_state as ps
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from pare_nemo.olmo3.bridge import check_parallel_sizes
     from pare_nemo.checkpoint import TOKENIZER_DIR, check_output_dir, load_model, read_model_config
     from pare_nemo.data import NotEnoughData, load_token_data
+    from pare_nemo.engine import data_parallel_share, forward_loss
     from pare_nemo.parallel import distributed
 
+    cfg = ImportanceConfig.of(cfg, **flat)
+    rows, text, agg = cfg.rows, cfg.text, cfg.aggregation
     # ---- everything checked before any work
-    if seq not in SEQ_AGGREGATIONS or batch not in BATCH_AGGREGATIONS:
-        raise ValueError(f"aggregation seq={seq!r} batch={batch!r}: seq must be one of "
-                         f"{SEQ_AGGREGATIONS}, batch one of {BATCH_AGGREGATIONS}")
-    if layer_loss_samples < 0 or micro_batch_size < 1:
-        raise ValueError("layer_loss_samples must be >= 0 and micro_batch_size >= 1")
-    hf_config, _, _ = read_model_config(megatron_path)
-    check_parallel_sizes(hf_config, tp, pp)
-    check_seq_length(seq_length, hf_config)
-    scores_path = Path(scores_path)
-    check_output_dir(scores_path, overwrite)
-    tokenizer = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
+    agg.check()
+    need(cfg.layer_loss_samples >= 0, "layer_loss_samples must be >= 0")
+    hf_config, _, _ = read_model_config(cfg.megatron_path)
+    dp = cfg.parallel.check(hf_config)
+    rows.check(hf_config, dp=dp, whole=False)
+    text.check()
+    scores_path = check_output_dir(cfg.scores_path, cfg.overwrite)
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.megatron_path) / TOKENIZER_DIR)
     try:
-        all_data = load_token_data(data, tokenizer, num_samples + layer_loss_samples, seq_length,
-                                   pack=pack, split=split)
+        all_data = load_token_data(text.data, tokenizer, rows.num_samples + cfg.layer_loss_samples,
+                                   rows.seq_length, pack=text.pack, split=text.split)
     except NotEnoughData as e:
-        raise NotEnoughData(f"{e} (num_samples={num_samples} for the scores + layer_loss_samples="
-                            f"{layer_loss_samples} held out for layer_loss)") from None
-    calib, held_out = all_data[:num_samples], all_data[num_samples:]
+        raise NotEnoughData(f"{e} (num_samples={rows.num_samples} for the scores + "
+                            f"layer_loss_samples={cfg.layer_loss_samples} held out for "
+                            "layer_loss)") from None
+    calib, held_out = all_data[:rows.num_samples], all_data[rows.num_samples:]
+    mbs = rows.micro_batch_size
 
-    with distributed(tp, pp):
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        if num_samples < dp * micro_batch_size:
-            raise ValueError(f"num_samples={num_samples} < data-parallel size {dp} x "
-                             f"micro_batch_size {micro_batch_size}")
-        model, _ = load_model(megatron_path, parallel_output=True)
+    def whole_micro_batches(data):  # this DP rank's rows that fill micro-batches
+        mine = data_parallel_share(data)
+        return mine[: len(mine) // mbs * mbs]
+
+    with distributed(cfg.parallel.tp, cfg.parallel.pp):
+        model, _ = load_model(cfg.megatron_path, parallel_output=True)
         model.eval()
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        mine = calib[dp_rank::dp]
-        mine = mine[: len(mine) // micro_batch_size * micro_batch_size]
+        mine = whole_micro_batches(calib)
 
-        hooks = ImportanceHooks(model, seq, batch)
+        hooks = ImportanceHooks(model, agg.seq, agg.batch)
         t0 = time.perf_counter()
         with tqdm(total=len(mine) * dp, desc="importance", unit="sample", disable=not rank0) as bar:
             bar.update(0)
             progress = _Scaled(bar, dp)
-            def step(tokens, mask):  # the hooks record; the logits are dropped at once
-                hooks.set_mask(mask)
+
+            def step(mb):  # the hooks record; the logits are dropped at once
+                hooks.set_mask(mb.mask)
                 return lambda logits: (logits.new_zeros(()), {})
 
-            run_forward(model, mine.tokens, mine.mask, micro_batch_size, step, progress)
+            run_forward(model, mine.tokens, mine.mask, mbs, step, progress)
         hooks.remove()
-        heads_local = hf_config.num_attention_heads // tp
+        heads_local = hf_config.num_attention_heads // cfg.parallel.tp
         scores = hooks.finish(heads_local)
         pass_s = time.perf_counter() - t0
 
-        base_loss, layer_loss = float("nan"), torch.full((hf_config.num_hidden_layers,), float("nan"))
-        if layer_loss_samples:
-            held = held_out[dp_rank::dp]
-            held = held[: len(held) // micro_batch_size * micro_batch_size]
-            if len(held) == 0:
-                raise ValueError(f"layer_loss_samples={layer_loss_samples} leaves no held-out "
-                                 f"micro-batch for each of {dp} data-parallel ranks")
-            vocab = hf_config.vocab_size
-            base_loss = lm_loss(model, held, micro_batch_size, vocab)
-            for i in tqdm(range(hf_config.num_hidden_layers), desc="layer_loss", disable=not rank0):
+        base_loss = float("nan")
+        layer_loss = torch.full((hf_config.num_hidden_layers,), float("nan"))
+        if cfg.layer_loss_samples:
+            held = whole_micro_batches(held_out)
+            need(len(held) > 0, f"layer_loss_samples={cfg.layer_loss_samples} leaves no held-out "
+                                f"micro-batch for each of {dp} data-parallel ranks")
+
+            def loss() -> float:
+                s, n = forward_loss(model, held.tokens, held.mask, mbs, hf_config.vocab_size)
+                return s / n
+
+            base_loss = loss()
+            for i in tqdm(range(hf_config.num_hidden_layers), desc="layer_loss",
+                          disable=not rank0):
                 set_skip(model, i)
-                layer_loss[i] = lm_loss(model, held, micro_batch_size, vocab) - base_loss
+                layer_loss[i] = loss() - base_loss
             set_skip(model, None)
         scores["layer_loss"] = layer_loss
 
@@ -267,18 +242,18 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
                 "layer_types": list(hf_config.layer_types),
                 "num_samples": scores.pop("_samples"),
                 "num_tokens": scores.pop("_tokens"),
-                "seq_length": seq_length,
-                "data": data,
+                "seq_length": rows.seq_length,
+                "data": text.data,
                 "data_sha256": calib.sha256(),
-                "pack": pack,
-                "split": split,
+                "pack": text.pack,
+                "split": text.split,
                 # rows 0..num_samples calibrated the scores, the next layer_loss_samples scored
                 # layer_loss: held-out evaluation (pare search) starts after rows_used
-                "rows_used": num_samples + layer_loss_samples,
-                "aggregation": {"seq": seq, "batch": batch},
-                "layer_loss_samples": layer_loss_samples,
+                "rows_used": rows.num_samples + cfg.layer_loss_samples,
+                "aggregation": {"seq": agg.seq, "batch": agg.batch},
+                "layer_loss_samples": cfg.layer_loss_samples,
                 "base_loss": base_loss,
-                "parallel": {"tp": tp, "pp": pp, "dp": dp},
+                "parallel": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp},
                 "importance_pass_seconds": pass_s,
             }
             out = {k: scores[k] for k in KEYS} | {"metadata": meta}
@@ -286,7 +261,7 @@ def importance(megatron_path: str, data: str, scores_path: str, num_samples: int
             tmp = scores_path.with_name(f".{scores_path.name}.partial")
             torch.save(out, tmp)
             os.replace(tmp, scores_path)
-            if report:
+            if cfg.report:
                 write_report(out, scores_path)
         if dist.is_initialized():
             dist.barrier()

@@ -9,7 +9,11 @@ out: zero probability and zero gradient whatever their values. As in megatron's
 ``vocab_parallel_cross_entropy``, each token's max and sum of exponentials are all-reduced over the
 TP group; only [tokens]-sized vectors (and, for ``top_k``, [tokens, k] candidates) travel.
 
-Both functions return a per-token loss, fp32, shaped like the logits without their last dim; the
+``next_token_nll`` (the LM loss of every stage: importance's layer_loss, search, distillation's CE
+term, evaluation, training) and ``state_distance`` (distillation's intermediate-state terms) are
+built on them, below the two primitives.
+
+Both primitives return a per-token loss, fp32, shaped like the logits without their last dim; the
 caller masks and reduces it (``(loss * mask).sum() / mask.sum()``). Over the real vocabulary:
 
 ``cross_entropy(logits, labels, vocab_size)``
@@ -57,6 +61,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 KINDS = ("forward", "reverse", "jsd")
+STATE_DISTANCES = ("cosine", "mse")
 CHUNK_ELEMENTS = 1 << 24  # default chunk: tokens * V_local ~ 2**24 fp32 elements (64 MiB)
 _MAX, _SUM = dist.ReduceOp.MAX, dist.ReduceOp.SUM
 
@@ -112,6 +117,32 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vo
         return _StoredGradient.apply(student_logits, _kl_chunks, lay["chunk"], teacher_logits,
                                      lay, opts)
     return _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=False)[0]
+
+
+def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                   vocab_size: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)`` of next-token cross-entropy over the positions whose token and next token
+    are both real: the one LM loss definition of every stage. ``logits`` [b, s, V_local]
+    (vocab-parallel over ``tp_group``, or the whole padded vocabulary when it is None), ``tokens``
+    and ``mask`` [b, s]. The labels are the tokens shifted by one inside the row (the last position
+    has none and is masked out), so the loss runs on the logits as they are: no sliced copy of them,
+    and the stored gradient has the logits' own shape."""
+    labels = torch.roll(tokens, -1, dims=1)
+    keep = mask & torch.roll(mask, -1, dims=1)
+    keep[:, -1] = False
+    per_token = cross_entropy(logits, labels, vocab_size, tp_group=tp_group)
+    return (per_token * keep).sum(), keep.sum()
+
+
+def state_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token distance [...] between hidden states [..., h] (fp32): ``1 - cos`` or the mean
+    squared error over the hidden size."""
+    s, t = student.float(), teacher.float()
+    if kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-6)
+    if kind == "mse":
+        return (s - t).pow(2).mean(-1)
+    raise ValueError(f"unknown state distance {kind!r}; expected one of {STATE_DISTANCES}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 importance, prune, search, prepare-data, distill, eval, demo), registered through the
 ``nemo_run.cli`` entry-point group in pyproject.toml. They call the very functions ``pare
 <command>`` calls, with the same typed arguments (read from the source by :mod:`pare_nemo.cli`, so
-registering them imports no stage module). Recipes of ``recipes/olmo3.py`` are factories:
+registering them imports no stage module): a stage with a typed config takes its flat keys.
+Recipes of ``recipes/olmo3.py`` are factories (their config's flat keys):
 ``nemo llm prune --factory olmo3_7b_width_4p5b …``."""
 
-import dataclasses
 import inspect
 import sys
 
@@ -23,7 +23,7 @@ def _entrypoint(name: str):
     def fn(**kwargs):
         return resolve(name)(**kwargs)
 
-    params = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=p.type,
+    params = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, annotation=p.type,
                                 default=p.default if p.default is not REQUIRED else
                                 inspect.Parameter.empty) for p in cmd.params]
     fn.__signature__ = inspect.Signature(params)
@@ -37,7 +37,7 @@ def _entrypoint(name: str):
 
 def _factory(target, recipe):
     def factory() -> run.Partial:
-        return run.Partial(target, **dataclasses.asdict(recipe()))
+        return run.Partial(target, **recipe().flat())
 
     factory.__name__ = factory.__qualname__ = recipe.__name__
     factory.__doc__ = recipe.__doc__

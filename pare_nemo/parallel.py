@@ -1,4 +1,5 @@
-"""Process groups, model-parallel state and a pipeline-parallel forward, for every stage.
+"""Process groups and model-parallel state, for every stage (the schedules that run on them are
+:mod:`pare_nemo.engine`'s).
 
 Under ``torchrun``/``srun`` the usual env variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
 are read; without them a single local process group is made. NCCL on GPU, gloo on CPU (with the
@@ -115,62 +116,3 @@ def distributed(tp: int = 1, pp: int = 1):
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-
-
-def run_forward(model, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-                micro_batch_size: int = 1, step_fn=None, progress=None,
-                document_ids: torch.Tensor | None = None) -> list:
-    """Forward ``tokens`` [N, S] through a (possibly pipeline-parallel) GPTModel with megatron's
-    forward-only schedules, ``2 x PP`` micro-batches at a time. ``step_fn(tokens, mask)`` is called on
-    every stage just before that stage runs a micro-batch and may return a loss function (then its
-    reduced dicts are returned) or None (then the model outputs are). Returns the last stage's
-    results (empty on other stages); ``progress.update(n)`` is called after each chunk.
-    ``document_ids`` [N, S] (packed rows, see ``pare_nemo.olmo3.model.document_ids``): each token attends
-    only to its own document, with RoPE positions restarting per document (the model's
-    ``attention_mask``)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    N, S = tokens.shape
-    if N % micro_batch_size:
-        raise ValueError(f"{N} samples not divisible by micro_batch_size {micro_batch_size}")
-    if document_ids is not None and document_ids.shape != tokens.shape:
-        raise ValueError(f"document_ids {tuple(document_ids.shape)} do not match tokens "
-                         f"{tuple(tokens.shape)}")
-    mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
-    dev = device()
-    positions = torch.arange(S, device=dev).expand(micro_batch_size, S)
-    per_call = micro_batch_size * max(2 * ps.get_pipeline_model_parallel_world_size(), 1)
-    model.eval()
-    outputs = []
-    for start in range(0, N, per_call):
-        t, m = tokens[start:start + per_call], mask[start:start + per_call]
-        d = None if document_ids is None else document_ids[start:start + per_call]
-        mbs = [(t[i:i + micro_batch_size].to(dev), m[i:i + micro_batch_size].to(dev),
-                None if d is None else d[i:i + micro_batch_size].to(dev))
-               for i in range(0, len(t), micro_batch_size)]
-
-        def forward_step(data_iterator, model):
-            tok, msk, doc = next(data_iterator)
-            loss_func = step_fn(tok, msk) if step_fn is not None else None
-            return model(input_ids=tok, position_ids=positions, attention_mask=doc), loss_func
-
-        with torch.no_grad():
-            outputs += get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(mbs), model=[model],
-                num_microbatches=len(mbs), seq_length=S, micro_batch_size=micro_batch_size,
-                forward_only=True)
-        if progress is not None:
-            progress.update(len(t))
-    return outputs
-
-
-def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1,
-                   document_ids: torch.Tensor | None = None):
-    """Logits [N, S, V_padded] on the last pipeline stage (gathered over TP if the model was built
-    with ``parallel_output=False``), None on other stages. ``document_ids``: see run_forward."""
-    from megatron.core import parallel_state as ps
-
-    outs = run_forward(model, tokens, micro_batch_size=micro_batch_size,
-                       document_ids=document_ids)
-    return torch.cat(outs, dim=0) if ps.is_pipeline_last_stage() else None

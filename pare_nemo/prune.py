@@ -21,13 +21,13 @@ depend on the TP/PP it ran at.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from pare_nemo.config import LAYER_METRICS, Depth, PruneConfig, Targets
 from pare_nemo.olmo3 import bridge
-
-LAYER_METRICS = ("layer", "layer_loss", "block")
 
 
 @dataclass
@@ -77,20 +77,21 @@ def depth_scores(scores: dict, layer_metric: str) -> torch.Tensor:
     return scores[key]
 
 
-def plan(hf_config, scores: dict, tp: int = 1, target_ffn_hidden_size: int | None = None,
-         target_num_attention_heads: int | None = None, target_num_query_groups: int | None = None,
-         target_hidden_size: int | None = None, target_num_layers: int | None = None,
-         drop_layers: list[int] | None = None, layer_metric: str = "layer_loss",
-         protect_full_attention: bool = False) -> Plan:
+def plan(hf_config, scores: dict, targets: Targets, depth: Depth | None = None,
+         tp: int = 1) -> Plan:
     """Validate targets and decide what to keep. Raises ValueError with the reason."""
     c = hf_config
+    depth = depth or Depth()
+    t = targets
+    layer_metric, protect_full_attention = depth.layer_metric, depth.protect_full_attention
+    drop_layers, target_num_layers = t.drop_layers, t.target_num_layers
     L, F, H, nh, ng = (c.num_hidden_layers, c.intermediate_size, c.hidden_size,
                        c.num_attention_heads, c.num_key_value_heads)
     pick = lambda target, default: default if target is None else target  # noqa: E731  (0 is an error)
-    ffn = pick(target_ffn_hidden_size, F)
-    heads = pick(target_num_attention_heads, nh)
-    groups = pick(target_num_query_groups, ng if ng < nh else heads)
-    hidden = pick(target_hidden_size, H)
+    ffn = pick(t.target_ffn_hidden_size, F)
+    heads = pick(t.target_num_attention_heads, nh)
+    groups = pick(t.target_num_query_groups, ng if ng < nh else heads)
+    hidden = pick(t.target_hidden_size, H)
     for name, v, full in (("target_ffn_hidden_size", ffn, F), ("target_hidden_size", hidden, H),
                           ("target_num_attention_heads", heads, nh),
                           ("target_num_query_groups", groups, ng)):
@@ -102,7 +103,7 @@ def plan(hf_config, scores: dict, tp: int = 1, target_ffn_hidden_size: int | Non
                                 f"target_num_query_groups={groups}")
     if ng < nh:  # GQA model: keep the groups, the same number of heads in each
         _check(groups == ng, f"reducing the query groups of a GQA model ({ng}) is not supported")
-    _check(layer_metric in LAYER_METRICS, f"layer_metric must be one of {LAYER_METRICS}")
+    depth.check()
     _check(not (drop_layers and target_num_layers is not None),
            "give target_num_layers or drop_layers, not both")
 
@@ -319,12 +320,7 @@ def apply_plan(model, new_model, p: Plan, hf_config) -> None:
         dst[name].data.copy_(local_shard(new_full, dst[name], name))
 
 
-def prune(megatron_path: str, scores_path: str, save_path: str,
-          target_ffn_hidden_size: int | None = None, target_num_attention_heads: int | None = None,
-          target_num_query_groups: int | None = None, target_hidden_size: int | None = None,
-          target_num_layers: int | None = None, drop_layers: list[int] | None = None,
-          layer_metric: str = "layer_loss", protect_full_attention: bool = False, tp: int = 1,
-          pp: int = 1, overwrite: bool = False) -> str:
+def prune(cfg: PruneConfig | None = None, **flat) -> str:
     """Prune a Megatron checkpoint to the target architecture using importance scores."""
     import shutil
     from pathlib import Path
@@ -344,30 +340,25 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
 
-    targets = dict(target_ffn_hidden_size=target_ffn_hidden_size,
-                   target_num_attention_heads=target_num_attention_heads,
-                   target_num_query_groups=target_num_query_groups,
-                   target_hidden_size=target_hidden_size, target_num_layers=target_num_layers,
-                   drop_layers=drop_layers or None)
-    if all(v is None for v in targets.values()):
-        raise ValueError(f"no pruning target given: pass at least one of {', '.join(targets)} "
-                         "(or recipe=<name>); without one the output would be a copy")
-    inputs = [megatron_path, scores_path]
-    check_output_dir(save_path, overwrite, inputs)
-    hf_config, padded, dtype = read_model_config(megatron_path)
-    bridge.check_parallel_sizes(hf_config, tp, pp)
-    scores = load_scores(scores_path)
+    cfg = PruneConfig.of(cfg, **flat)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    # ---- everything checked before any work
+    cfg.targets.check()
+    inputs = [cfg.megatron_path, cfg.scores_path]
+    check_output_dir(cfg.save_path, cfg.overwrite, inputs)
+    hf_config, padded, dtype = read_model_config(cfg.megatron_path)
+    cfg.parallel.check(hf_config, job=False)
+    scores = load_scores(cfg.scores_path)
     validate_scores(scores, hf_config)
-    p = plan(hf_config, scores, tp, target_ffn_hidden_size, target_num_attention_heads,
-             target_num_query_groups, target_hidden_size, target_num_layers, drop_layers,
-             layer_metric, protect_full_attention)
-    bridge.check_parallel_sizes(p.config, tp, pp)
+    p = plan(hf_config, scores, cfg.targets, cfg.depth, tp)
+    cfg.parallel.check(p.config)
 
-    with distributed(tp, pp), atomic_output_dir(save_path, overwrite, inputs) as tmp:
-        model, _ = load_model(megatron_path)
-        cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
-                                     perform_initialization=False)
-        new_model = build_olmo3_model(cfg, padded, pre_process=ps.is_pipeline_first_stage(),
+    with distributed(tp, pp), atomic_output_dir(cfg.save_path, cfg.overwrite, inputs) as tmp:
+        model, _ = load_model(cfg.megatron_path)
+        megatron_cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
+                                              perform_initialization=False)
+        new_model = build_olmo3_model(megatron_cfg, padded,
+                                      pre_process=ps.is_pipeline_first_stage(),
                                       post_process=ps.is_pipeline_last_stage()).to(device())
         with torch.no_grad():
             apply_plan(model, new_model, p, hf_config)
@@ -375,13 +366,14 @@ def prune(megatron_path: str, scores_path: str, save_path: str,
         save_model(new_model, tmp, p.config, padded, dtype)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if rank0:
-            shutil.copytree(Path(megatron_path) / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-            save_plan(p, tmp / PLAN_FILE, source=megatron_path, scores=scores_path,
-                      targets=targets | dict(layer_metric=layer_metric,
-                                             protect_full_attention=protect_full_attention))
+            shutil.copytree(Path(cfg.megatron_path) / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            save_plan(p, tmp / PLAN_FILE, source=cfg.megatron_path, scores=cfg.scores_path,
+                      targets={**dataclasses.asdict(cfg.targets),
+                               "drop_layers": cfg.targets.drop_layers or None,
+                               **dataclasses.asdict(cfg.depth)})
     if rank0:
         print(describe(hf_config, p.config))
-    return str(save_path)
+    return str(cfg.save_path)
 
 
 PLAN_FILE = "prune_plan.json"

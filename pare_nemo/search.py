@@ -4,9 +4,9 @@ perplexity as a filter" step before any distillation).
 
 The original Megatron model is loaded once at the user's TP/PP; each candidate is built
 target-shaped at the same TP/PP, filled by ``prune.apply_plan`` (the function ``pare prune`` uses),
-scored with importance's ``lm_loss`` and freed. Held-out rows come after the rows importance used
-(calibration + layer_loss) when the data are the same. Each ranked row carries the exact
-``pare prune`` command that builds it.
+scored with ``engine.forward_loss`` (the loss of importance's ``layer_loss``) and freed. Held-out
+rows come after the rows importance used (calibration + layer_loss) when the data are the same.
+Each ranked row carries the exact ``pare prune`` command that builds it.
 """
 
 import gc
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pare_nemo.config import Depth, SearchConfig, Targets, need
 from pare_nemo.olmo3 import bridge
-from pare_nemo.prune import LAYER_METRICS, depth_scores, num_params, plan, validate_scores
+from pare_nemo.prune import depth_scores, num_params, plan, validate_scores
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
 TARGETS = ("target_ffn_hidden_size", "target_num_attention_heads", "target_hidden_size",
@@ -49,21 +50,15 @@ def first_held_out_row(meta: dict, data: str, seq_length: int, pack: bool, split
 
 
 def prune_command(megatron_path: str, scores_path: str, save_path: str, targets: dict,
-                  layer_metric: str, protect_full_attention: bool) -> str:
+                  depth: Depth) -> str:
     """The ``pare prune`` command line that builds a candidate."""
     args = {"megatron_path": megatron_path, "scores_path": scores_path, "save_path": save_path,
-            **targets, "layer_metric": layer_metric,
-            "protect_full_attention": str(protect_full_attention).lower()}
+            **targets, "layer_metric": depth.layer_metric,
+            "protect_full_attention": str(depth.protect_full_attention).lower()}
     return "pare prune " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in args.items())
 
 
-def search(megatron_path: str, scores_path: str, budget: float, data: str,
-           tolerance: float = 0.05, num_samples: int = 64, seq_length: int = 4096,
-           pack: bool = True, split: str = "train", micro_batch_size: int = 1, tp: int = 1,
-           pp: int = 1, ffn: list[int] | None = None, heads: list[int] | None = None,
-           hidden: list[int] | None = None, layers: list[int] | None = None,
-           layer_metric: str = "layer_loss", protect_full_attention: bool = False,
-           out_path: str | None = None, top: int = 10) -> str:
+def search(cfg: SearchConfig | None = None, **flat) -> str:
     """Rank candidate architectures within ``budget`` parameters (± ``tolerance``) by held-out loss
     on ``num_samples`` rows of ``data`` after those importance used, at ``tp`` x ``pp``."""
     import torch.distributed as dist
@@ -71,42 +66,44 @@ def search(megatron_path: str, scores_path: str, budget: float, data: str,
     from transformers import AutoTokenizer
 
     from pare_nemo.checkpoint import TOKENIZER_DIR, load_model, read_model_config
-    from pare_nemo.data import NotEnoughData, check_seq_length, load_token_data
-    from pare_nemo.importance import lm_loss, load_scores
+    from pare_nemo.data import NotEnoughData, load_token_data
+    from pare_nemo.engine import data_parallel_share, forward_loss
+    from pare_nemo.importance import load_scores
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
     from pare_nemo.prune import apply_plan
 
+    cfg = SearchConfig.of(cfg, **flat)
+    rows, text, depth, tp, pp = cfg.rows, cfg.text, cfg.depth, cfg.parallel.tp, cfg.parallel.pp
     # ---- everything checked before any work
-    c, padded, dtype = read_model_config(megatron_path)
-    bridge.check_parallel_sizes(c, tp, pp)
-    check_seq_length(seq_length, c)
-    scores = load_scores(scores_path)
+    c, padded, dtype = read_model_config(cfg.megatron_path)
+    dp = cfg.parallel.check(c)
+    rows.check(c, dp=dp)
+    scores = load_scores(cfg.scores_path)
     validate_scores(scores, c)
-    if not 0 < budget or not 0 <= tolerance < 1:
-        raise ValueError(f"budget={budget} must be > 0 and tolerance={tolerance} in [0, 1)")
-    if num_samples < 1 or micro_batch_size < 1:
-        raise ValueError("num_samples and micro_batch_size must be >= 1")
-    if layer_metric not in LAYER_METRICS:
-        raise ValueError(f"layer_metric must be one of {LAYER_METRICS}")
-    out_path = Path(out_path or Path(scores_path).with_name("search.json"))
+    need(0 < cfg.budget and 0 <= cfg.tolerance < 1,
+         f"budget={cfg.budget} must be > 0 and tolerance={cfg.tolerance} in [0, 1)")
+    depth.check()
+    text.check()
+    out_path = Path(cfg.out_path or Path(cfg.scores_path).with_name("search.json"))
     mult = lambda n: 128 if n >= 1024 else 8  # noqa: E731
     ng, nh = c.num_key_value_heads, c.num_attention_heads
+    g = cfg.grid
     grid = {
-        "ffn": ffn or _grid(c.intermediate_size, mult(c.intermediate_size)),
-        "heads": heads or [h for h in _grid(nh, 1) if h % ng == 0 or ng == nh],
-        "hidden": hidden or _grid(c.hidden_size, mult(c.hidden_size)),
-        "layers": layers or sorted({max(1, int(round(c.num_hidden_layers * f))) for f in FRACTIONS}),
+        "ffn": g.ffn or _grid(c.intermediate_size, mult(c.intermediate_size)),
+        "heads": g.heads or [h for h in _grid(nh, 1) if h % ng == 0 or ng == nh],
+        "hidden": g.hidden or _grid(c.hidden_size, mult(c.hidden_size)),
+        "layers": g.layers or sorted({max(1, int(round(c.num_hidden_layers * f)))
+                                      for f in FRACTIONS}),
     }
     if any(n != c.num_hidden_layers for n in grid["layers"]):
-        depth_scores(scores, layer_metric)  # NaN layer_loss: say so now, not "no candidate"
-    lo, hi = budget * (1 - tolerance), budget * (1 + tolerance)
+        depth_scores(scores, depth.layer_metric)  # NaN layer_loss: say so now, not "no candidate"
+    lo, hi = cfg.budget * (1 - cfg.tolerance), cfg.budget * (1 + cfg.tolerance)
     candidates, skipped = [], []
     for values in itertools.product(*grid.values()):
         targets = dict(zip(TARGETS, values))
         try:
-            p = plan(c, scores, layer_metric=layer_metric,
-                     protect_full_attention=protect_full_attention, **targets)
+            p = plan(c, scores, Targets(**targets), depth, tp)
         except ValueError as e:
             skipped.append(targets | {"reason": str(e)})
             continue
@@ -123,61 +120,62 @@ def search(megatron_path: str, scores_path: str, budget: float, data: str,
         why = sorted({s["reason"] for s in skipped})
         raise ValueError(f"no candidate in the grid {grid} has {lo:.4g}..{hi:.4g} parameters"
                          + (f" (skipped: {'; '.join(why)})" if why else ""))
-    start = first_held_out_row(scores["metadata"], data, seq_length, pack, split)
-    rows_range = [start, start + num_samples]  # held-out rows [start, end) of data
+    start = first_held_out_row(scores["metadata"], text.data, rows.seq_length, text.pack,
+                               text.split)
+    rows_range = [start, start + rows.num_samples]  # held-out rows [start, end) of data
 
     with distributed(tp, pp):
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        if num_samples % (dp * micro_batch_size):
-            raise ValueError(f"num_samples={num_samples} is not a multiple of data-parallel size "
-                             f"{dp} x micro_batch_size {micro_batch_size}")
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        tok = AutoTokenizer.from_pretrained(Path(megatron_path) / TOKENIZER_DIR)
+        tok = AutoTokenizer.from_pretrained(Path(cfg.megatron_path) / TOKENIZER_DIR)
         try:
-            held = load_token_data(data, tok, start + num_samples, seq_length, pack=pack,
-                                   split=split)[start:]
+            held = load_token_data(text.data, tok, start + rows.num_samples, rows.seq_length,
+                                   pack=text.pack, split=text.split)[start:]
         except NotEnoughData as e:
-            raise NotEnoughData(f"{e} (rows {start}..{start + num_samples}: the first {start} rows "
-                            "were used by importance)") from None
-        mine = held[dp_rank::dp]
-        model, _ = load_model(megatron_path)
+            raise NotEnoughData(f"{e} (rows {start}..{start + rows.num_samples}: the first "
+                                f"{start} rows were used by importance)") from None
+        mine = data_parallel_share(held)
+        model, _ = load_model(cfg.megatron_path)
         model.eval()
-        rows = []
+        ranked = []
         for targets, params, p in candidates:
-            cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
-                                         perform_initialization=False)
-            new_model = build_olmo3_model(cfg, padded, pre_process=ps.is_pipeline_first_stage(),
+            megatron_cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
+                                                  perform_initialization=False)
+            new_model = build_olmo3_model(megatron_cfg, padded,
+                                          pre_process=ps.is_pipeline_first_stage(),
                                           post_process=ps.is_pipeline_last_stage(),
                                           parallel_output=True).to(device())
             with torch.no_grad():
                 apply_plan(model, new_model, p, c)
-            loss = lm_loss(new_model, mine, micro_batch_size, c.vocab_size)
+            nll, n = forward_loss(new_model, mine.tokens, mine.mask, rows.micro_batch_size,
+                                  c.vocab_size)
+            loss = nll / n
             del new_model  # one candidate in memory at a time
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            f, h, d, n = targets.values()
-            save = f"{str(megatron_path).rstrip('/')}-ffn{f}-heads{h}-hidden{d}-layers{n}"
-            rows.append(targets | {
+            f, h, d, n_layers = targets.values()
+            save = (f"{str(cfg.megatron_path).rstrip('/')}-ffn{f}-heads{h}-hidden{d}"
+                    f"-layers{n_layers}")
+            ranked.append(targets | {
                 "params": params, "loss": loss, "ppl": math.exp(loss), "layers_kept": p.layers,
-                "prune_command": prune_command(str(megatron_path), str(scores_path), save, targets,
-                                               layer_metric, protect_full_attention)})
+                "prune_command": prune_command(str(cfg.megatron_path), str(cfg.scores_path), save,
+                                               targets, depth)})
         del model
-        rows.sort(key=lambda r: r["loss"])
+        ranked.sort(key=lambda r: r["loss"])
         if rank0:
-            result = {"budget": budget, "tolerance": tolerance, "grid": grid, "data": data,
-                      "split": split, "pack": pack, "seq_length": seq_length,
-                      "num_samples": num_samples, "held_out_rows": rows_range,
-                      "held_out_sha256": held.sha256(),
+            result = {"budget": cfg.budget, "tolerance": cfg.tolerance, "grid": grid,
+                      "data": text.data, "split": text.split, "pack": text.pack,
+                      "seq_length": rows.seq_length, "num_samples": rows.num_samples,
+                      "held_out_rows": rows_range, "held_out_sha256": held.sha256(),
                       "importance_rows_used": scores["metadata"].get("rows_used"),
-                      "layer_metric": layer_metric,
-                      "protect_full_attention": protect_full_attention,
+                      "layer_metric": depth.layer_metric,
+                      "protect_full_attention": depth.protect_full_attention,
                       "parallel": {"tp": tp, "pp": pp, "dp": dp},
-                      "original_params": num_params(c), "candidates": rows, "skipped": skipped}
+                      "original_params": num_params(c), "candidates": ranked, "skipped": skipped}
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2))
-            _print(rows[:top], skipped, budget, tolerance, num_params(c), data, rows_range,
-                   seq_length, out_path)
+            _print(ranked[:cfg.top], skipped, cfg.budget, cfg.tolerance, num_params(c), text.data,
+                   rows_range, rows.seq_length, out_path)
         if dist.is_initialized():
             dist.barrier()
     return str(out_path)

@@ -39,6 +39,18 @@ if [ -z "${PARE:-}" ]; then
   if [ -n "$CONTAINER" ] || command -v pare > /dev/null; then PARE=pare; else PARE=$PWD/.venv/bin/pare; fi
 fi
 
+# stage_args key=VAR ...: ARGS holds key=<value of VAR> for every VAR that is set and not empty.
+# The scripts pass the recipe and the paths this way; whatever is not set comes from the recipe
+# (recipes/olmo3.py), where every default lives.
+stage_args() {
+  ARGS=()
+  local pair var
+  for pair in "$@"; do
+    var=${pair#*=}
+    if [ -n "${!var:-}" ]; then ARGS+=("${pair%%=*}=${!var}"); fi
+  done
+}
+
 # launch ARGS...: run `$PARE ARGS...` as one srun step (one process per task; Pare reads its rank
 # from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), in the container when CONTAINER is set.
 launch() {

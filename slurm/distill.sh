@@ -1,8 +1,11 @@
 #!/bin/bash
 # Distill a pruned Olmo 3 student from its teacher on 8xH100 nodes, preemption-safe.
 # Run from the repository root:  [CONTAINER=...] [RECIPE=...] sbatch slurm/distill.sh [extra pare arguments]
-# e.g.  RECIPE=olmo3_7b_distill_depth STUDENT_PATH=$PWD/checkpoints/olmo3_7b_depth_4p5b \
-#         sbatch --nodes=4 slurm/distill.sh
+# e.g.  RECIPE=olmo3_7b_distill_depth sbatch --nodes=4 slurm/distill.sh
+# The recipe (recipes/olmo3.py, default olmo3_7b_distill_width) holds everything: the teacher
+# (checkpoints/olmo3-7b-instruct), the student prune.sh wrote for it, the data blend, the losses,
+# the schedule and the run directory (checkpoints/<recipe>); TEACHER_PATH, STUDENT_PATH, DATA,
+# SAVE_PATH, TP, PP override them when set.
 # Preemption and time limits: Slurm sends SIGUSR1 120 s before the limit (--signal) and SIGTERM on
 # preemption; Pare finishes the step, saves a checkpoint and exits with 75; this script then
 # requeues the job (scontrol requeue), which starts again with the same command and resumes from the
@@ -23,11 +26,7 @@
 #SBATCH --open-mode=append
 set -euo pipefail
 
-TEACHER_PATH=${TEACHER_PATH:-$PWD/checkpoints/olmo3-7b-instruct}
-STUDENT_PATH=${STUDENT_PATH:-$PWD/checkpoints/olmo3_7b_width_4p5b}
 RECIPE=${RECIPE:-olmo3_7b_distill_width}   # or olmo3_7b_distill_depth, olmo3_7b_distill_combined
-DATA=${DATA:-0.7:$PWD/data/dolmino,0.3:$PWD/data/dolci}   # pare prepare-data outputs
-SAVE_PATH=${SAVE_PATH:-$PWD/checkpoints/${RECIPE}}
 
 here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
 # shellcheck source=slurm/common.sh
@@ -40,8 +39,9 @@ echo "job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}" >&2
 # shell before it can requeue) lets it wait for srun and requeue below
 trap 'echo "batch shell: SIGTERM, waiting for the tasks to save" >&2' TERM
 set +e
-launch distill recipe="$RECIPE" teacher_path="$TEACHER_PATH" student_path="$STUDENT_PATH" \
-  data="$DATA" save_path="$SAVE_PATH" "$@"
+stage_args recipe=RECIPE teacher_path=TEACHER_PATH student_path=STUDENT_PATH data=DATA \
+  save_path=SAVE_PATH tp=TP pp=PP
+launch distill "${ARGS[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 75 ]; then   # saved after SIGUSR1/SIGTERM: run again, resuming

@@ -10,7 +10,8 @@
 #       TP=2 sbatch slurm/eval.sh                                  # TP=2 x DP=4
 # The recipe names the checkpoints (the paths slurm/prune.sh and slurm/distill.sh write by default)
 # and the data (the distillation blend: its validation split is held out); the results go to
-# OUTPUT/eval.json and OUTPUT/report/ (report.md, report.png), the table to slurm-<job>.out.
+# OUTPUT/eval.json and OUTPUT/report/ (report.md, report.png; OUTPUT: the recipe's, eval/<axis>),
+# the table to slurm-<job>.out. OUTPUT, TP, PP override the recipe's when set.
 # Container, mounts, HF_HOME, ports, GPU choice: see slurm/common.sh.
 #SBATCH --job-name=pare-eval
 #SBATCH --nodes=1
@@ -21,12 +22,10 @@
 set -euo pipefail
 
 RECIPE=${RECIPE-olmo3_7b_eval_width}   # or olmo3_7b_eval_depth, olmo3_7b_eval_combined; empty: none
-OUTPUT=${OUTPUT:-$PWD/eval/${RECIPE:-eval}}
-TP=${TP:-1}
-PP=${PP:-1}
 
 # sbatch runs a copy of this script: common.sh is beside it, or in the submit directory's slurm/
 here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
 # shellcheck source=slurm/common.sh
 source "$here/common.sh"
-launch eval ${RECIPE:+recipe="$RECIPE"} output="$OUTPUT" tp="$TP" pp="$PP" "$@"
+stage_args output=OUTPUT tp=TP pp=PP
+launch eval ${RECIPE:+recipe="$RECIPE"} "${ARGS[@]}" "$@"

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Importance analysis of Olmo 3 7B on one 8xH100 node: TP=1, PP=1, DP=8 (the 7B fits one H100 in
-# bf16 with room for 4096-token activations); 1024 samples x 4096 tokens, 64 held out for layer_loss.
-# Run from the repository root:  [CONTAINER=...] sbatch slurm/importance.sh [extra pare arguments]
+# bf16 with room for 4096-token activations). The recipe (recipes/olmo3.py, default
+# olmo3_7b_importance) holds the data and the shapes: 1024 samples x 4096 tokens, 64 held out for
+# layer_loss; MEGATRON_PATH, DATA, SCORES_PATH, TP, PP override its values when set.
+# Run from the repository root:  [CONTAINER=...] [RECIPE=...] sbatch slurm/importance.sh [extra pare arguments]
 # One task per GPU. Other layouts: sbatch flags override the #SBATCH lines below, e.g.
 #   sbatch --nodes=2 slurm/importance.sh                        # 16 GPUs, DP=16
 #   TP=2 sbatch slurm/importance.sh                             # TP=2 x DP=4
@@ -16,17 +18,11 @@
 #SBATCH --time=02:00:00
 set -euo pipefail
 
-MEGATRON_PATH=${MEGATRON_PATH:-$PWD/checkpoints/olmo3-7b-instruct}
-DATA=${DATA:-allenai/Dolci-Instruct-SFT-7B}          # HF dataset id or local jsonl/parquet/txt
-SCORES_PATH=${SCORES_PATH:-$PWD/scores/olmo3-7b-instruct.pt}
-NUM_SAMPLES=${NUM_SAMPLES:-1024}
-SEQ_LENGTH=${SEQ_LENGTH:-4096}
-TP=${TP:-1}
-PP=${PP:-1}
+RECIPE=${RECIPE-olmo3_7b_importance}   # empty: none (then give every argument)
 
 # sbatch runs a copy of this script: common.sh is beside it, or in the submit directory's slurm/
 here=$(dirname "${BASH_SOURCE[0]}"); [ -f "$here/common.sh" ] || here=${SLURM_SUBMIT_DIR:-$PWD}/slurm
 # shellcheck source=slurm/common.sh
 source "$here/common.sh"
-launch importance megatron_path="$MEGATRON_PATH" data="$DATA" scores_path="$SCORES_PATH" \
-  num_samples="$NUM_SAMPLES" seq_length="$SEQ_LENGTH" tp="$TP" pp="$PP" "$@"
+stage_args recipe=RECIPE megatron_path=MEGATRON_PATH data=DATA scores_path=SCORES_PATH tp=TP pp=PP
+launch importance "${ARGS[@]}" "$@"

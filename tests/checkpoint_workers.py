@@ -59,14 +59,16 @@ def train_run(ckpt, tokens, steps, train_dir, saves=(), async_saves=(), keep_las
         load_training_checkpoint,
         save_training_checkpoint,
     )
+    from pare_nemo.config import Optimizer
+    from pare_nemo.engine import setup_training, train_step
     from pare_nemo.parallel import init_distributed
-    from pare_nemo.train import setup_training, train_step
 
     init_distributed(1, 1)
     model, hf_config = load_model(ckpt, parallel_output=True, dtype=torch.bfloat16,
                                   calculate_per_token_loss=True)
-    chunks, optimizer, scheduler = setup_training(model, lr=3e-3, train_steps=steps,
-                                                  warmup_steps=2, min_lr=3e-4)
+    chunks, optimizer, scheduler = setup_training(model,
+                                                  Optimizer(lr=3e-3, warmup_steps=2, min_lr=3e-4),
+                                                  steps)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     out = {"loss": {}, "saved": {}, "tracker_when_scheduled": {}}
     start = 0

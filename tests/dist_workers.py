@@ -44,7 +44,8 @@ def logits_worker(tp, pp, ckpt, tokens, out_file, save_to=None):
     from megatron.core import parallel_state as ps
 
     from pare_nemo.checkpoint import atomic_output_dir, load_model, read_model_config, save_model
-    from pare_nemo.parallel import forward_logits, init_distributed
+    from pare_nemo.engine import forward_logits
+    from pare_nemo.parallel import init_distributed
 
     init_distributed(tp, pp)
     model, hf_config = load_model(ckpt)

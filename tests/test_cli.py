@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pare_nemo.cli import COMMANDS, command, main, parse_kwargs, resolve
+from pare_nemo.cli import COMMANDS, command, config_class, main, parse_kwargs, resolve
 
 BIN = Path(sys.executable).parent
 ENV = os.environ | {"PYTHONWARNINGS": "ignore"}
@@ -22,15 +22,31 @@ def _run(*args, timeout=600, stdin=subprocess.DEVNULL):
                           stdin=stdin)
 
 
+def real_parameters(name: str) -> dict:
+    """What the stage takes: its config's flat keys and defaults, or its function's parameters."""
+    import dataclasses
+
+    cls = config_class(name)
+    if cls is None:
+        return {k: p.default for k, p in inspect.signature(resolve(name)).parameters.items()}
+    return {k: inspect.Parameter.empty if v is dataclasses.MISSING else v
+            for k, v in cls.defaults().items()}
+
+
 def test_signatures_read_from_source_match_the_functions():
-    """The AST-read signature is the real one (names, defaults), for every command."""
+    """The arguments the CLI reads without importing the stage are the real ones (names,
+    defaults), for every command; a config-backed stage builds its config from them."""
     for name in COMMANDS:
-        real = inspect.signature(resolve(name)).parameters
+        real = real_parameters(name)
         params = command(name).params
         assert [p.name for p in params] == list(real), name
         for p in params:
-            want = real[p.name].default
+            want = real[p.name]
             assert p.default == want or (p.default is want), (name, p.name)
+        if config_class(name):
+            required = {p.name: "x" for p in params if p.default is inspect.Parameter.empty}
+            assert config_class(name).of(**required).flat() == \
+                {p.name: required.get(p.name, p.default) for p in params}
 
 
 def test_parse_kwargs_types():
@@ -139,8 +155,8 @@ def test_prune_needs_a_target_and_prints_the_new_shape(tmp_path, trained, capsys
     from pare_nemo.importance import importance
 
     args = [f"megatron_path={trained['mg']}", f"scores_path={tmp_path / 's.pt'}"]
-    importance(str(trained["mg"]), "pydoc", str(tmp_path / "s.pt"), num_samples=8, seq_length=32,
-               layer_loss_samples=4, report=False)
+    importance(megatron_path=str(trained["mg"]), data="pydoc", scores_path=str(tmp_path / "s.pt"),
+               num_samples=8, seq_length=32, layer_loss_samples=4, report=False)
     with pytest.raises(SystemExit, match="no pruning target given"):
         main(["prune", *args, f"save_path={tmp_path / 'p'}"])
     main(["prune", *args, f"save_path={tmp_path / 'p'}", "drop_layers=[1,2]",
@@ -163,8 +179,7 @@ def test_nemo_run_entrypoints_registered():
     llm = {e.name: e for e in list_entrypoints()["llm"].values()}
     for name in COMMANDS:
         assert llm[name].fn.pare_command == name
-        assert list(inspect.signature(llm[name].fn).parameters) == \
-            list(inspect.signature(resolve(name)).parameters)
+        assert list(inspect.signature(llm[name].fn).parameters) == list(real_parameters(name))
 
 
 def _nemo():
@@ -192,7 +207,6 @@ def test_nemo_llm_lists_and_no_terminal(tmp_path):
 def test_prune_recipes_state_their_parameter_counts():
     """Each 7B recipe's docstring states its parameter count; it must be what the targets give."""
     import copy
-    import dataclasses
     import re
 
     from pare_nemo.prune import num_params
@@ -203,7 +217,7 @@ def test_prune_recipes_state_their_parameter_counts():
                        num_layers=32, num_heads=32, head_dim=128)
     assert round(num_params(base) / 1e9, 2) == 7.30
     for recipe in PRUNE_RECIPES:
-        t = dataclasses.asdict(recipe())
+        t = recipe().flat()
         c = copy.deepcopy(base)
         c.intermediate_size = t["target_ffn_hidden_size"] or 11008
         c.hidden_size = t["target_hidden_size"] or 4096
@@ -224,8 +238,8 @@ def test_prune_recipe_reaches_prune(tmp_path, trained):
         main(["prune", "recipe=olmo3_7b_width_4p5b", *args])
     from pare_nemo.importance import importance
 
-    importance(str(trained["mg"]), "pydoc", str(tmp_path / "s.pt"), num_samples=8, seq_length=32,
-               layer_loss_samples=0, report=False)
+    importance(megatron_path=str(trained["mg"]), data="pydoc", scores_path=str(tmp_path / "s.pt"),
+               num_samples=8, seq_length=32, layer_loss_samples=0, report=False)
     with pytest.raises(SystemExit, match="target_ffn_hidden_size=9216 must be in"):
         main(["prune", "recipe=olmo3_7b_width_4p5b", *args])
     r = _run(_nemo(), "llm", "prune", "--factory", "olmo3_7b_width_4p5b", *args, "-y")

@@ -170,11 +170,9 @@ def test_slurm_without_container_runs_in_the_current_environment(tmp_path):
         "SLURM_JOB_ID": "123457", "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "0"},
         "seq=l2")
     assert p.returncode == 0, p.stderr
+    # the recipe (with its paths, relative to the submit directory) and the extra argument
     assert args == ["--kill-on-bad-exit=1", f"{work}/.venv/bin/pare", "importance",
-                    f"megatron_path={work}/checkpoints/olmo3-7b-instruct",
-                    "data=allenai/Dolci-Instruct-SFT-7B",
-                    f"scores_path={work}/scores/olmo3-7b-instruct.pt", "num_samples=1024",
-                    "seq_length=4096", "tp=1", "pp=1", "seq=l2"]
+                    "recipe=olmo3_7b_importance", "seq=l2"]
     assert env["MASTER_ADDR"] == "node1" and env["MASTER_PORT"] == str(20000 + 123457 % 10000)
     assert env["CUDA_VISIBLE_DEVICES"] == ""  # GPUS_PER_NODE=0: gloo on CPU
     assert env["HF_HOME"] == f"{work}/.cache/huggingface" and Path(env["HF_HOME"]).is_dir()

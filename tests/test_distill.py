@@ -37,12 +37,15 @@ def env(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("distill")
     teacher = str(trained["mg"])
-    importance(teacher, "pydoc", str(root / "scores.pt"), num_samples=64, seq_length=64,
-               micro_batch_size=8, layer_loss_samples=16, report=False)
-    width = prune(teacher, str(root / "scores.pt"), str(root / "width"),
-                  target_ffn_hidden_size=128, target_hidden_size=48)
-    depth = prune(teacher, str(root / "scores.pt"), str(root / "depth"), target_num_layers=2)
-    depth3 = prune(teacher, str(root / "scores.pt"), str(root / "depth3"), target_num_layers=3)
+    importance(megatron_path=teacher, data="pydoc", scores_path=str(root / "scores.pt"),
+               num_samples=64, seq_length=64, micro_batch_size=8, layer_loss_samples=16,
+               report=False)
+    width = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                  save_path=str(root / "width"), target_ffn_hidden_size=128, target_hidden_size=48)
+    depth = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                  save_path=str(root / "depth"), target_num_layers=2)
+    depth3 = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                   save_path=str(root / "depth3"), target_num_layers=3)
     docs = pydoc_text().split("\n\n\n")
     (root / "train.txt").write_text("\n\n\n".join(docs[:-20]))
     prepare_data(str(root / "train.txt"), str(Path(teacher) / "tokenizer"), str(root / "data"))
@@ -62,8 +65,9 @@ def env(trained, tmp_path_factory):
 
 def held_out_loss(checkpoint, tokens) -> float:
     from pare_nemo.checkpoint import load_model
-    from pare_nemo.data import next_token_nll
-    from pare_nemo.parallel import distributed, forward_logits
+    from pare_nemo.engine import forward_logits
+    from pare_nemo.losses import next_token_nll
+    from pare_nemo.parallel import distributed
 
     with distributed(1, 1):
         model, cfg = load_model(checkpoint, dtype=torch.float32)
@@ -234,8 +238,8 @@ def test_parallel_runs_follow_tp1(env, tp1_run, tmp_path, layout):
 def test_depth_student_with_uneven_pipeline_split(env, tmp_path):
     """A 3-layer student at PP=2 (stages of 2 and 1 layers; the 4-layer teacher 2 and 2) follows
     its PP=1 loss curve (fp32, 1e-4 relative); at PP=2 importance still refuses 3 layers."""
-    from pare_nemo.olmo3.bridge import check_parallel_sizes, pipeline_split
     from pare_nemo.checkpoint import read_model_config
+    from pare_nemo.olmo3.bridge import check_parallel_sizes, pipeline_split
     from tests.dist_workers import spawn
     from tests.distill_workers import distill_worker
 
@@ -274,8 +278,9 @@ def test_depth_student_with_intermediate_losses_and_export(env, tmp_path):
 def test_projection_hidden_match_trains_and_exports_without_it(env, tmp_path):
     """hidden_match=projection: learned student->teacher maps are trained (saved in the run's
     checkpoints) and left out of the exported model."""
-    from conversion.convert import export_hf
     from safetensors.torch import load_file
+
+    from conversion.convert import export_hf
 
     save = run_distill(env, tmp_path / "proj", train_steps=4, save_interval=4,
                        intermediate_loss="mse", hidden_match="projection")
@@ -317,7 +322,7 @@ def test_bad_save_path_and_tokenizer_mismatch(env, tmp_path):
     with pytest.raises(ValueError, match="other arguments"):
         run_distill(env, save, train_steps=3, save_interval=3, lr=1e-2)
     # a teacher with another vocabulary
-    from pare_nemo.distill import check_same_tokenizer
+    from pare_nemo.checkpoint import check_same_tokenizer
 
     cfg = json.loads((Path(env["width"]) / "model_config.json").read_text())
     cfg["hf_config"]["vocab_size"] += 1

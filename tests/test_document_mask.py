@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pare_nemo.checkpoint import load_model
+from pare_nemo.engine import forward_logits
 from pare_nemo.olmo3.model import _segments, causal_attention, document_ids
-from pare_nemo.parallel import distributed, forward_logits
+from pare_nemo.parallel import distributed
 
 # Two packed rows of 48 tokens (> the sliding window of 8), documents ending with EOS.
 ROWS = [[13, 21, 14], [30, 18]]

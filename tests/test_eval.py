@@ -138,7 +138,7 @@ def test_raw_text_skips_the_rows_importance_used(env, tmp_path):
     out = tmp_path / "raw.json"
     from pare_nemo.eval import evaluate
 
-    evaluate(f"p:{pruned},{env['hf']}", "pydoc", output=str(out), num_samples=4,
+    evaluate(checkpoints=f"p:{pruned},{env['hf']}", data="pydoc", output=str(out), num_samples=4,
              seq_length=S, document_mask=False, report=False)
     r = results(out)
     start = 10 * 32 // S  # 320 tokens of importance = 5 rows of 64
@@ -195,7 +195,7 @@ def test_refused_before_any_work(env, tmp_path, monkeypatch):
     ]
     for ckpts, d, kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            evaluate(ckpts, d, **(run | kw))
+            evaluate(checkpoints=ckpts, data=d, **(run | kw))
     (tmp_path / "out.json").write_text("[]")
     with pytest.raises(SystemExit, match="pare eval: error: output .*out.json already exists"):
         main(["eval", "report=false", f"checkpoints={mg}", f"data={data}",
@@ -211,8 +211,8 @@ def test_distillation_split_is_used(env, tp1, tmp_path):
     shutil.copytree(env["mg"], distilled)
     (distilled / "distill_args.json").write_text(json.dumps({"data": env["data"],
                                                              "split": "90,10,0"}))
-    out = evaluate(f"d:{distilled}", env["data"], output=str(tmp_path), num_samples=N,
-                   seq_length=S, report=False)
+    out = evaluate(checkpoints=f"d:{distilled}", data=env["data"], output=str(tmp_path),
+                   num_samples=N, seq_length=S, report=False)
     r = results(out)["d"]
     assert r["split"] == "90,10,0" and Path(out).name == "eval.json"
     assert r["sha256"] != results(tp1)["mg"]["sha256"]
@@ -221,12 +221,12 @@ def test_distillation_split_is_used(env, tp1, tmp_path):
 def test_eval_recipes():
     """`pare eval recipe=…` finds the three recipes; they name teacher, pruned and distilled at the
     paths slurm/prune.sh and slurm/distill.sh write by default (checkpoints/<their recipe>)."""
-    from pare_nemo.cli import command, recipe_defaults, recipes_for
+    from pare_nemo.cli import command, recipe_config, recipes_for
 
     cmd = command("eval")
     assert set(recipes_for(cmd)) == {"olmo3_7b_eval_width", "olmo3_7b_eval_depth",
                                      "olmo3_7b_eval_combined"}
-    r = recipe_defaults(cmd, "olmo3_7b_eval_depth")
+    r = recipe_config(cmd, "olmo3_7b_eval_depth").flat()
     assert r["checkpoints"] == ("teacher:checkpoints/olmo3-7b-instruct,"
                                 "pruned:checkpoints/olmo3_7b_depth_4p5b,"
                                 "distilled:checkpoints/olmo3_7b_distill_depth")

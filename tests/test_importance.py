@@ -94,9 +94,10 @@ def _check(scores, ref, rtol=1e-5):
 
 @pytest.mark.parametrize("seq,batch", [("mean", "l2"), ("l2", "mean")])
 def test_scores_equal_reference(tmp_path, hf_gqa, megatron_gqa, calib, seq, batch):
-    path = importance(str(megatron_gqa), "pydoc", str(tmp_path / "s.pt"), num_samples=N,
-                      seq_length=S, micro_batch_size=2, seq=seq, batch=batch,
-                      layer_loss_samples=HELD, pack=False, report=False)
+    path = importance(megatron_path=str(megatron_gqa), data="pydoc",
+                      scores_path=str(tmp_path / "s.pt"), num_samples=N, seq_length=S,
+                      micro_batch_size=2, seq=seq, batch=batch, layer_loss_samples=HELD, pack=False,
+                      report=False)
     scores = load_scores(path)  # weights_only=True
     ref = reference_scores(hf_gqa, calib[:N], calib[N:], seq, batch)
     _check(scores, ref)
@@ -108,15 +109,15 @@ def test_scores_equal_reference(tmp_path, hf_gqa, megatron_gqa, calib, seq, batc
 
 
 def _importance_worker(tp, pp, ckpt, out):
-    importance(ckpt, "pydoc", out, num_samples=N, seq_length=S, micro_batch_size=1, tp=tp, pp=pp,
-               layer_loss_samples=HELD, pack=False, report=False)
+    importance(megatron_path=ckpt, data="pydoc", scores_path=out, num_samples=N, seq_length=S,
+               micro_batch_size=1, tp=tp, pp=pp, layer_loss_samples=HELD, pack=False, report=False)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)])  # (1, 1) on 2 processes: DP=2
 def test_parallel_scores_equal_tp1(tmp_path, megatron_gqa, tp, pp):
-    ref = load_scores(importance(str(megatron_gqa), "pydoc", str(tmp_path / "ref.pt"),
-                                 num_samples=N, seq_length=S, layer_loss_samples=HELD, pack=False,
-                                 report=False))
+    ref = load_scores(importance(megatron_path=str(megatron_gqa), data="pydoc",
+                                 scores_path=str(tmp_path / "ref.pt"), num_samples=N, seq_length=S,
+                                 layer_loss_samples=HELD, pack=False, report=False))
     spawn(_importance_worker, 2, tp, pp, str(megatron_gqa), str(tmp_path / "par.pt"), tmp=tmp_path)
     scores = load_scores(tmp_path / "par.pt")
     assert scores["metadata"]["parallel"] == {"tp": tp, "pp": pp, "dp": 2 // (tp * pp)}
@@ -133,8 +134,9 @@ def _loss_with_ffn_removed(hf_path, held, remove: torch.Tensor):
 
 
 def test_importance_beats_reverse_and_random_on_trained_model(tmp_path, trained):
-    scores = load_scores(importance(str(trained["mg"]), "pydoc", str(tmp_path / "s.pt"),
-                                    num_samples=64, seq_length=64, layer_loss_samples=16))
+    scores = load_scores(importance(megatron_path=str(trained["mg"]), data="pydoc",
+                                    scores_path=str(tmp_path / "s.pt"), num_samples=64,
+                                    seq_length=64, layer_loss_samples=16))
     mlp = scores["mlp"]
     k = int(0.1 * mlp.shape[1])
     order = mlp.argsort(dim=1)
@@ -156,33 +158,40 @@ def test_bad_input(tmp_path, megatron_gqa):
     empty.write_text("")
     ck = str(megatron_gqa)
     with pytest.raises(DataError):
-        importance(ck, str(empty), str(tmp_path / "a.pt"), num_samples=4, seq_length=16)
+        importance(megatron_path=ck, data=str(empty), scores_path=str(tmp_path / "a.pt"),
+                   num_samples=4, seq_length=16)
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": "some words here"}\n{"text": ""}\n')
     with pytest.raises(DataError, match="sample 1 .* all padding"):
-        importance(ck, str(blank), str(tmp_path / "a.pt"), num_samples=2, seq_length=16,
-                   pack=False, layer_loss_samples=0)
+        importance(megatron_path=ck, data=str(blank), scores_path=str(tmp_path / "a.pt"),
+                   num_samples=2, seq_length=16, pack=False, layer_loss_samples=0)
     with pytest.raises(DataError, match="gives only .* samples .* 100064 were asked.*num_samples=100000.*layer_loss_samples=64"):
-        importance(ck, "pydoc", str(tmp_path / "a.pt"), num_samples=100000, seq_length=512)
+        importance(megatron_path=ck, data="pydoc", scores_path=str(tmp_path / "a.pt"),
+                   num_samples=100000, seq_length=512)
     nokey = tmp_path / "nokey.jsonl"
     nokey.write_text('{"text": "fine"}\n{"prompt": "no text here"}\n')
     with pytest.raises(DataError, match=r"record 1: a record has neither 'text' nor 'messages' "
                                         r"\(its keys: \[.*'prompt'.*\]\); records need one of them$"):
-        importance(ck, str(nokey), str(tmp_path / "a.pt"), num_samples=2, seq_length=16)
+        importance(megatron_path=ck, data=str(nokey), scores_path=str(tmp_path / "a.pt"),
+                   num_samples=2, seq_length=16)
     with pytest.raises(ValueError, match=r"seq_length=4096 is longer than the model's context "
                                          r"\(max_position_embeddings=1024\)"):
-        importance(ck, "pydoc", str(tmp_path / "a.pt"), seq_length=4096)
+        importance(megatron_path=ck, data="pydoc", scores_path=str(tmp_path / "a.pt"),
+                   seq_length=4096)
     with pytest.raises(FileNotFoundError, match="Megatron checkpoint .*nope does not exist"):
-        importance(str(tmp_path / "nope"), "pydoc", str(tmp_path / "a.pt"))
+        importance(megatron_path=str(tmp_path / "nope"), data="pydoc",
+                   scores_path=str(tmp_path / "a.pt"))
     with pytest.raises(ValueError, match="aggregation"):
-        importance(ck, "pydoc", str(tmp_path / "a.pt"), seq="max")
+        importance(megatron_path=ck, data="pydoc", scores_path=str(tmp_path / "a.pt"), seq="max")
     with pytest.raises(FileNotFoundError, match="not a Pare checkpoint"):
-        importance(str(tmp_path), "pydoc", str(tmp_path / "a.pt"))
+        importance(megatron_path=str(tmp_path), data="pydoc", scores_path=str(tmp_path / "a.pt"))
     (tmp_path / "a.pt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=true"):
-        importance(ck, "pydoc", str(tmp_path / "a.pt"), seq_length=64)
+        importance(megatron_path=ck, data="pydoc", scores_path=str(tmp_path / "a.pt"),
+                   seq_length=64)
     with pytest.raises(ValueError, match="tp=3 does not divide"):
-        importance(ck, "pydoc", str(tmp_path / "b.pt"), tp=3, seq_length=64)
+        importance(megatron_path=ck, data="pydoc", scores_path=str(tmp_path / "b.pt"), tp=3,
+                   seq_length=64)
     assert not (tmp_path / "b.pt").exists()
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from pare_nemo.engine import forward_logits
 from pare_nemo.olmo3 import bridge
 from pare_nemo.olmo3.model import build_olmo3_model
-from pare_nemo.parallel import distributed, forward_logits
+from pare_nemo.parallel import distributed
 from pare_nemo.tiny import random_olmo3, tiny_config
 
 S, W = 48, 8  # sequences longer than the sliding window

@@ -118,7 +118,7 @@ def test_bad_input_is_refused_and_leaves_nothing(pydoc, tok_dir, tmp_path):
 def test_rows_are_the_shuffled_document_stream(pydoc, tmp_path, tokenizer):
     prefix, meta = pydoc
     eos = tokenizer.eos_token_id
-    train, valid = training_dataset(prefix, S, 200, GBS, seed=1, eos_token_id=eos,
+    train, valid = training_dataset(prefix, S, 200, GBS, seed=1, split="99,1,0", eos_token_id=eos,
                                     cache_dir=str(tmp_path / "c1"))
     docs, _ = _docs(prefix)
     assert max(train.indices) < len(docs) - 2 and min(valid.indices) >= len(docs) - 2  # 99,1,0
@@ -143,18 +143,18 @@ def rows(ds, n):
 def test_batches_are_deterministic_and_resumable(pydoc, tmp_path, tokenizer):
     prefix, _ = pydoc
     eos = tokenizer.eos_token_id
-    train, _ = training_dataset(prefix, S, 200, GBS, seed=1, eos_token_id=eos,
+    train, _ = training_dataset(prefix, S, 200, GBS, seed=1, split="99,1,0", eos_token_id=eos,
                                 cache_dir=str(tmp_path / "c1"))
     # the same seed built again from scratch (another cache) gives the same rows; another seed not
-    again, _ = training_dataset(prefix, S, 200, GBS, seed=1, eos_token_id=eos,
+    again, _ = training_dataset(prefix, S, 200, GBS, seed=1, split="99,1,0", eos_token_id=eos,
                                 cache_dir=str(tmp_path / "c2"))
-    other, _ = training_dataset(prefix, S, 200, GBS, seed=2, eos_token_id=eos,
+    other, _ = training_dataset(prefix, S, 200, GBS, seed=2, split="99,1,0", eos_token_id=eos,
                                 cache_dir=str(tmp_path / "c2"))
     assert torch.equal(rows(train, 64), rows(again, 64))
     assert not torch.equal(rows(train, 64), rows(other, 64))
     # step k of an uninterrupted run over 2 DP ranks = global rows [k*GBS, (k+1)*GBS), and a run
     # resumed at consumed_samples = k*GBS (fresh dataset objects, loaded from the cache) gets them
-    resumed, _ = training_dataset(prefix, S, 200, GBS, seed=1, eos_token_id=eos,
+    resumed, _ = training_dataset(prefix, S, 200, GBS, seed=1, split="99,1,0", eos_token_id=eos,
                                   cache_dir=str(tmp_path / "c1"))
     every = rows(train, 4 * GBS)
     for k in range(4):
@@ -173,7 +173,7 @@ def test_blend_follows_the_weights(pydoc, tok_dir, tmp_path, tokenizer):
     small = str(tmp_path / "small")
     prepare_data("pydoc", tok_dir, small, limit_docs=60)
     n = 400
-    train, valid = training_dataset([prefix, small], S, n, GBS, seed=3,
+    train, valid = training_dataset([prefix, small], S, n, GBS, seed=3, split="99,1,0",
                                     eos_token_id=tokenizer.eos_token_id, weights=[1, 3],
                                     valid_samples=8, cache_dir=str(tmp_path / "c"))
     which = np.array([train[i]["dataset_id"] for i in range(n)])
@@ -191,13 +191,16 @@ def test_too_little_or_wrong_data_is_refused(pydoc, tok_dir, tmp_path, tokenizer
     few = str(tmp_path / "few")
     prepare_data("pydoc", tok_dir, few, limit_docs=20)
     with pytest.raises(DataError, match="valid split .* holds 0 documents"):
-        training_dataset(few, S, 10, 1, seed=0, eos_token_id=eos, cache_dir=str(tmp_path / "c"))
+        training_dataset(few, S, 10, 1, seed=0, split="99,1,0", eos_token_id=eos,
+                         cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match="no .*missing.bin"):
-        training_dataset(str(tmp_path / "missing"), S, 10, 1, seed=0, eos_token_id=eos)
+        training_dataset(str(tmp_path / "missing"), S, 10, 1, seed=0, split="99,1,0",
+                         eos_token_id=eos)
     with pytest.raises(DataError, match="EOS id 0, not 5"):
-        training_dataset(prefix, S, 10, 1, seed=0, eos_token_id=5)
+        training_dataset(prefix, S, 10, 1, seed=0, split="99,1,0", eos_token_id=5)
     with pytest.raises(DataError, match="valid_samples"):
-        training_dataset([prefix, few], S, 10, 1, seed=0, eos_token_id=eos, weights=[1, 1])
+        training_dataset([prefix, few], S, 10, 1, seed=0, split="99,1,0", eos_token_id=eos,
+                         weights=[1, 1])
     with pytest.raises(DataError, match="split="):
         training_dataset(prefix, S, 10, 1, seed=0, eos_token_id=eos, split="0,1,0")
     assert not (tmp_path / "c").exists()  # refused before megatron built anything

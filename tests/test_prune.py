@@ -9,8 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from conversion.convert import export_hf
 from pare_nemo.checkpoint import load_model
+from pare_nemo.config import Depth, Targets
+from pare_nemo.engine import forward_logits
 from pare_nemo.importance import importance, load_scores
-from pare_nemo.parallel import distributed, forward_logits
+from pare_nemo.parallel import distributed
 from pare_nemo.prune import num_params, prune
 from tests.dist_workers import spawn
 
@@ -29,8 +31,8 @@ AXES = {
 @pytest.fixture(scope="module")
 def trained_scores(tmp_path_factory, trained):
     path = tmp_path_factory.mktemp("scores") / "s.pt"
-    return importance(str(trained["mg"]), "pydoc", str(path), num_samples=64, seq_length=64,
-                      layer_loss_samples=16, report=False)
+    return importance(megatron_path=str(trained["mg"]), data="pydoc", scores_path=str(path),
+                      num_samples=64, seq_length=64, layer_loss_samples=16, report=False)
 
 
 def _hf_loss(hf_dir, held):
@@ -40,7 +42,8 @@ def _hf_loss(hf_dir, held):
 
 @pytest.mark.parametrize("axis", list(AXES))
 def test_axis_export_matches_megatron(tmp_path, trained, trained_scores, axis):
-    out = prune(str(trained["mg"]), trained_scores, str(tmp_path / "p"), **AXES[axis])
+    out = prune(megatron_path=str(trained["mg"]), scores_path=trained_scores,
+                save_path=str(tmp_path / "p"), **AXES[axis])
     hf_dir = export_hf(out, str(tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     tokens = trained["held"][:2]
@@ -68,10 +71,12 @@ def test_depth_keeps_types_and_protects_full_layers(tmp_path, trained, trained_s
     s = copy.deepcopy(scores)
     s["layer"] = torch.tensor([0.9, 0.8, 0.7, 0.1])  # the full layer (3) scores lowest
     torch.save(s, tmp_path / "s.pt")
-    a = export_hf(prune(str(trained["mg"]), str(tmp_path / "s.pt"), str(tmp_path / "a"),
-                        target_num_layers=3, layer_metric="layer"), str(tmp_path / "a_hf"))
-    b = export_hf(prune(str(trained["mg"]), str(tmp_path / "s.pt"), str(tmp_path / "b"),
-                        target_num_layers=3, layer_metric="layer", protect_full_attention=True),
+    a = export_hf(prune(megatron_path=str(trained["mg"]), scores_path=str(tmp_path / "s.pt"),
+                        save_path=str(tmp_path / "a"), target_num_layers=3,
+                        layer_metric="layer"), str(tmp_path / "a_hf"))
+    b = export_hf(prune(megatron_path=str(trained["mg"]), scores_path=str(tmp_path / "s.pt"),
+                        save_path=str(tmp_path / "b"), target_num_layers=3, layer_metric="layer",
+                        protect_full_attention=True),
                   str(tmp_path / "b_hf"))
     from transformers import Olmo3Config
 
@@ -80,14 +85,15 @@ def test_depth_keeps_types_and_protects_full_layers(tmp_path, trained, trained_s
 
 
 def _prune_worker(tp, pp, ckpt, scores, out, kw):
-    prune(ckpt, scores, out, tp=tp, pp=pp, **kw)
+    prune(megatron_path=ckpt, scores_path=scores, save_path=out, tp=tp, pp=pp, **kw)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parallel_prune_equals_tp1(tmp_path, trained, trained_scores, tp, pp):
     kw = dict(target_ffn_hidden_size=128, target_num_attention_heads=2, target_hidden_size=48,
               target_num_layers=2)
-    ref = export_hf(prune(str(trained["mg"]), trained_scores, str(tmp_path / "ref"), **kw),
+    ref = export_hf(prune(megatron_path=str(trained["mg"]), scores_path=trained_scores,
+                          save_path=str(tmp_path / "ref"), **kw),
                     str(tmp_path / "ref_hf"))
     spawn(_prune_worker, 2, tp, pp, str(trained["mg"]), trained_scores, str(tmp_path / "par"), kw,
           tmp=tmp_path)
@@ -102,10 +108,12 @@ def test_depth_by_importance_is_the_best_single_drop(tmp_path, trained, trained_
     """With 4 layers a random draw often hits the same layer, so compare with every alternative:
     dropping the layer chosen by ``layer_loss`` costs least, clearly below the average drop."""
     held = trained["held"]
-    imp = _hf_loss(export_hf(prune(str(trained["mg"]), trained_scores, str(tmp_path / "imp"),
-                                   target_num_layers=3, layer_metric="layer_loss"),
+    imp = _hf_loss(export_hf(prune(megatron_path=str(trained["mg"]), scores_path=trained_scores,
+                                   save_path=str(tmp_path / "imp"), target_num_layers=3,
+                                   layer_metric="layer_loss"),
                              str(tmp_path / "imp_hf")), held)
-    each = [_hf_loss(export_hf(prune(str(trained["mg"]), trained_scores, str(tmp_path / f"d{i}"),
+    each = [_hf_loss(export_hf(prune(megatron_path=str(trained["mg"]), scores_path=trained_scores,
+                                     save_path=str(tmp_path / f"d{i}"),
                                      drop_layers=[i]), str(tmp_path / f"d{i}_hf")), held)
             for i in range(4)]
     assert imp == pytest.approx(min(each)) and imp + 0.1 < sum(each) / 4, (imp, each)
@@ -125,17 +133,20 @@ def test_bad_input(tmp_path, trained, trained_scores, megatron_gqa):
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            prune(ck, sc, str(tmp_path / "out"), **kw)
+            prune(megatron_path=ck, scores_path=sc, save_path=str(tmp_path / "out"), **kw)
     with pytest.raises(ValueError, match="another model"):
-        prune(str(megatron_gqa), sc, str(tmp_path / "out"), target_ffn_hidden_size=64)
+        prune(megatron_path=str(megatron_gqa), scores_path=sc, save_path=str(tmp_path / "out"),
+              target_ffn_hidden_size=64)
     scores = load_scores(sc)
     scores["mlp"] = scores["mlp"][:, :10]
     torch.save(scores, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"scores\['mlp'\] has shape"):
-        prune(ck, str(tmp_path / "bad.pt"), str(tmp_path / "out"), target_ffn_hidden_size=64)
+        prune(megatron_path=ck, scores_path=str(tmp_path / "bad.pt"),
+              save_path=str(tmp_path / "out"), target_ffn_hidden_size=64)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="overwrite=true"):
-        prune(ck, sc, str(tmp_path / "exists"), target_ffn_hidden_size=64)
+        prune(megatron_path=ck, scores_path=sc, save_path=str(tmp_path / "exists"),
+              target_ffn_hidden_size=64)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
 
 
@@ -148,13 +159,15 @@ def test_block_metric_drops_the_cheapest_contiguous_block(hf_gqa):
     scores = {"mlp": torch.rand(4, cfg.intermediate_size), "attention": torch.rand(4, 4),
               "attn_ln": torch.rand(cfg.hidden_size), "ffn_ln": torch.rand(cfg.hidden_size),
               "layer": torch.rand(4), "layer_loss": torch.tensor([0.5, 0.1, 0.2, 0.05])}
-    assert plan(cfg, scores, target_num_layers=2, layer_metric="block").layers == [0, 1]
-    assert plan(cfg, scores, target_num_layers=2, layer_metric="layer_loss").layers == [0, 2]
-    protected = plan(cfg, scores, target_num_layers=2, layer_metric="block",
-                     protect_full_attention=True)
+    assert plan(cfg, scores, Targets(target_num_layers=2),
+                Depth(layer_metric="block")).layers == [0, 1]
+    assert plan(cfg, scores, Targets(target_num_layers=2),
+                Depth(layer_metric="layer_loss")).layers == [0, 2]
+    protected = plan(cfg, scores, Targets(target_num_layers=2),
+                     Depth(layer_metric="block", protect_full_attention=True))
     assert protected.layers == [0, 3] and protected.config.layer_types[-1] == "full_attention"
     with pytest.raises(ValueError, match="give target_num_layers or drop_layers"):
-        plan(cfg, scores, target_num_layers=2, drop_layers=[1])
+        plan(cfg, scores, Targets(target_num_layers=2, drop_layers=[1]))
 
 
 def test_default_metric_is_layer_loss_and_nan_is_refused(hf_gqa):
@@ -169,11 +182,12 @@ def test_default_metric_is_layer_loss_and_nan_is_refused(hf_gqa):
               "attn_ln": torch.rand(cfg.hidden_size), "ffn_ln": torch.rand(cfg.hidden_size),
               "layer": torch.tensor([0.1, 0.9, 0.8, 0.7]),
               "layer_loss": torch.tensor([0.5, 0.1, 0.2, 0.3])}
-    assert plan(cfg, scores, target_num_layers=3).layers == [0, 2, 3]
+    assert plan(cfg, scores, Targets(target_num_layers=3)).layers == [0, 2, 3]
     scores["layer_loss"] = torch.full((4,), float("nan"))
     for metric in ("layer_loss", "block"):
         with pytest.raises(ValueError, match="layer_loss_samples=0.*layer_metric=layer"):
-            plan(cfg, scores, target_num_layers=3, layer_metric=metric)
-    assert plan(cfg, scores, target_num_layers=3, layer_metric="layer").layers == [1, 2, 3]
-    assert plan(cfg, scores, target_ffn_hidden_size=64).layers == [0, 1, 2, 3]
-    assert plan(cfg, scores, target_num_layers=4).layers == [0, 1, 2, 3]
+            plan(cfg, scores, Targets(target_num_layers=3), Depth(layer_metric=metric))
+    assert plan(cfg, scores, Targets(target_num_layers=3),
+                Depth(layer_metric="layer")).layers == [1, 2, 3]
+    assert plan(cfg, scores, Targets(target_ffn_hidden_size=64)).layers == [0, 1, 2, 3]
+    assert plan(cfg, scores, Targets(target_num_layers=4)).layers == [0, 1, 2, 3]

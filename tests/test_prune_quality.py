@@ -38,8 +38,9 @@ def setup(tmp_path_factory, trained):
     from pare_nemo.importance import importance, load_scores
 
     path = tmp_path_factory.mktemp("quality") / "s.pt"
-    scores = load_scores(importance(str(trained["mg"]), "pydoc", str(path), num_samples=64,
-                                    seq_length=64, layer_loss_samples=0, report=False))
+    scores = load_scores(importance(megatron_path=str(trained["mg"]), data="pydoc",
+                                    scores_path=str(path), num_samples=64, seq_length=64,
+                                    layer_loss_samples=0, report=False))
     model = AutoModelForCausalLM.from_pretrained(trained["hf"]).eval()
     return model.config, model.state_dict(), scores, trained["held"]
 
@@ -47,9 +48,10 @@ def setup(tmp_path_factory, trained):
 def pruned_loss(config, hf: dict, scores: dict, held: torch.Tensor, **targets) -> float:
     from transformers import Olmo3ForCausalLM
 
+    from pare_nemo.config import Depth, Targets
     from pare_nemo.prune import plan, prune_global, prune_layer
 
-    p = plan(config, scores, layer_metric="layer", **targets)
+    p = plan(config, scores, Targets(**targets), Depth(layer_metric="layer"))
     sd = prune_global({k: hf[k] for k in ("model.embed_tokens.weight", "model.norm.weight",
                                           "lm_head.weight")}, p)
     for j, i in enumerate(p.layers):

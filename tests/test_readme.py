@@ -63,10 +63,13 @@ SUBSTITUTIONS = {
         "tasks=pare_pydoc task_limit=10 max_new_tokens=4 batch_sizes=[1,2]",
 }
 # The same for the Slurm scripts' own 7B defaults: the stand-in job's environment (a VAR=value the
-# README line sets wins).
+# README line sets wins). importance.sh's 7B recipe becomes the demo model's, on the paths the
+# chain's import.sh wrote.
 SLURM_DEFAULTS = {
     "import.sh": {"HF_PATH": "{hf}"},
-    "importance.sh": {"DATA": "{data}", "NUM_SAMPLES": "16", "SEQ_LENGTH": "64"},
+    "importance.sh": {"RECIPE": "tiny_importance", "DATA": "{data}",
+                      "MEGATRON_PATH": "checkpoints/olmo3-7b-instruct",
+                      "SCORES_PATH": "scores/olmo3-7b-instruct.pt"},
 }
 # A 7B prune recipe on the tiny model fails on the first target it cannot reach, before any work.
 # (slurm/prune.sh's default RECIPE is one.)

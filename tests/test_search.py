@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conversion.convert import export_hf
-from pare_nemo.data import load_token_data, next_token_nll
+from pare_nemo.data import load_token_data
 from pare_nemo.importance import importance, load_scores
+from pare_nemo.losses import next_token_nll
 from pare_nemo.prune import num_params, prune
 from pare_nemo.search import first_held_out_row, search
 from tests.dist_workers import spawn
@@ -24,8 +25,8 @@ ROWS = dict(data="pydoc", num_samples=8, seq_length=64)
 def scores(tmp_path_factory, trained):
     """Importance on rows 0..8 (calibration) and 8..16 (layer_loss) of pydoc at 64 tokens."""
     path = tmp_path_factory.mktemp("search_scores") / "s.pt"
-    return importance(str(trained["mg"]), "pydoc", str(path), num_samples=8, seq_length=64,
-                      layer_loss_samples=8, report=False)
+    return importance(megatron_path=str(trained["mg"]), data="pydoc", scores_path=str(path),
+                      num_samples=8, seq_length=64, layer_loss_samples=8, report=False)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def total(trained):
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, trained, scores, total):
-    out = search(str(trained["mg"]), scores, budget=0.7 * total, tolerance=0.1, **ROWS, **GRID,
+    out = search(megatron_path=str(trained["mg"]), scores_path=scores, budget=0.7 * total,
+                 tolerance=0.1, **ROWS, **GRID,
                  out_path=str(tmp_path_factory.mktemp("search") / "search.json"))
     return json.loads(open(out).read())
 
@@ -69,8 +71,8 @@ def test_command_reproduces_the_loss_through_transformers(tmp_path, trained, sco
     assert args["layer_metric"] == "layer_loss" and args["protect_full_attention"] == "false"
     targets = {k: int(v) for k, v in args.items() if k.startswith("target_")}
     assert targets == {k: best[k] for k in targets} and len(targets) == 4
-    hf_dir = export_hf(prune(args["megatron_path"], args["scores_path"], str(tmp_path / "p"),
-                             layer_metric=args["layer_metric"],
+    hf_dir = export_hf(prune(megatron_path=args["megatron_path"], scores_path=args["scores_path"],
+                             save_path=str(tmp_path / "p"), layer_metric=args["layer_metric"],
                              protect_full_attention=args["protect_full_attention"] == "true",
                              **targets), str(tmp_path / "hf"))
     start, end = result["held_out_rows"]
@@ -84,7 +86,8 @@ def test_command_reproduces_the_loss_through_transformers(tmp_path, trained, sco
 
 
 def _search_worker(tp, pp, ckpt, scores, budget, out):
-    search(ckpt, scores, budget=budget, tolerance=0.1, tp=tp, pp=pp, out_path=out, **ROWS, **GRID)
+    search(megatron_path=ckpt, scores_path=scores, budget=budget, tolerance=0.1, tp=tp, pp=pp,
+           out_path=out, **ROWS, **GRID)
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
@@ -110,11 +113,13 @@ def test_parallel_search_equals_tp1(tmp_path, trained, scores, total, result, tp
 def test_bad_input(tmp_path, trained, scores, total):
     ck = str(trained["mg"])
     with pytest.raises(ValueError, match="no candidate"):
-        search(ck, scores, budget=10.0, **ROWS)
+        search(megatron_path=ck, scores_path=scores, budget=10.0, **ROWS)
     with pytest.raises(TypeError, match="data"):
-        search(ck, scores, budget=0.7 * total, num_samples=8, seq_length=64)
+        search(megatron_path=ck, scores_path=scores, budget=0.7 * total, num_samples=8,
+               seq_length=64)
     s = load_scores(scores)
     s["layer_loss"] = torch.full_like(s["layer_loss"], float("nan"))
     torch.save(s, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match="layer_loss_samples=0"):
-        search(ck, str(tmp_path / "nan.pt"), budget=0.7 * total, **ROWS, **GRID)
+        search(megatron_path=ck, scores_path=str(tmp_path / "nan.pt"), budget=0.7 * total, **ROWS,
+               **GRID)

@@ -107,10 +107,10 @@ def pipeline(cluster, work):
     jobs = {}
     jobs["import"] = completed(cluster, submit(cluster, "import.sh", CPU_FLAGS + ONE_TASK, env,
                                                out=w / "import.out"))
-    env.update(DATA=str(w / "text.txt"), SCORES_PATH=str(w / "scores.pt"), NUM_SAMPLES="32",
-               SEQ_LENGTH="64")
+    env.update(DATA=str(w / "text.txt"), SCORES_PATH=str(w / "scores.pt"))
     jobs["importance"] = completed(cluster, submit(
-        cluster, "importance.sh", CPU_FLAGS + TWO_TASKS, env, args=("layer_loss_samples=8",),
+        cluster, "importance.sh", CPU_FLAGS + TWO_TASKS, env,
+        args=("num_samples=32", "seq_length=64", "layer_loss_samples=8"),
         out=w / "importance.out"))
     env.update(SAVE_PATH=str(w / "pruned"), RECIPE="")
     jobs["prune"] = completed(cluster, submit(

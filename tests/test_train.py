@@ -1,4 +1,4 @@
-"""Pare's Megatron Olmo 3 trains with megatron-core's own machinery (pare_nemo.train: DDP,
+"""Pare's Megatron Olmo 3 trains with megatron-core's own machinery (pare_nemo.engine: DDP,
 Float16Module, the distributed optimizer, OptimizerParamScheduler, the training schedule and
 finalize_model_grads) on CPU/gloo: bf16 params with fp32 main params, LM loss on real text goes
 down, and TP=2 and DP=2 (optimizer state sharded over DP, overlapped gradient reduce) follow

@@ -37,7 +37,7 @@ def hf_grads(hf_gqa, batch):
     """transformers' gradients of the summed next-token NLL."""
     from transformers import Olmo3ForCausalLM
 
-    from pare_nemo.data import next_token_nll
+    from pare_nemo.losses import next_token_nll
 
     tokens, mask = batch
     hf = Olmo3ForCausalLM.from_pretrained(hf_gqa, dtype=torch.float32)

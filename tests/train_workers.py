@@ -1,4 +1,4 @@
-"""Training runs of Pare's Megatron Olmo 3 with pare_nemo.train at any TP/DP, for
+"""Training runs of Pare's Megatron Olmo 3 with pare_nemo.engine at any TP/DP, for
 tests/test_train.py. Functions live in a module so that ``torch.multiprocessing.spawn`` can import
 them in the child processes."""
 
@@ -17,8 +17,9 @@ def train_worker(tp, ckpt, tokens, mask, steps, global_batch, out_file, overlap_
     from megatron.core import parallel_state as ps
 
     from pare_nemo.checkpoint import load_model
+    from pare_nemo.config import Optimizer
+    from pare_nemo.engine import setup_training, train_step
     from pare_nemo.parallel import init_distributed
-    from pare_nemo.train import setup_training, train_step
 
     init_distributed(tp, 1)
     model, hf_config = load_model(ckpt, parallel_output=True, dtype=torch.bfloat16,
@@ -26,7 +27,7 @@ def train_worker(tp, ckpt, tokens, mask, steps, global_batch, out_file, overlap_
     model_numel = sum(p.numel() for p in model.parameters())
     model_dtypes = {p.dtype for p in model.parameters()}
     chunks, optimizer, scheduler = setup_training(
-        model, lr=3e-3, train_steps=steps, warmup_steps=10, min_lr=3e-4,
+        model, Optimizer(lr=3e-3, warmup_steps=10, min_lr=3e-4), steps,
         overlap_grad_reduce=overlap_grad_reduce)
     main = [p for g in optimizer.param_groups for p in g["params"]]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -31,7 +31,7 @@ def megatron_grads(ckpt, tokens, mask, counts=None, megatron_finalize=False,
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from pare_nemo.checkpoint import load_model
-    from pare_nemo.data import next_token_nll
+    from pare_nemo.losses import next_token_nll
     from pare_nemo.prune import full_tensor
 
     model, hf_config = load_model(ckpt, parallel_output=False, dtype=torch.float32,

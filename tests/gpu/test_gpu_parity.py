@@ -66,7 +66,7 @@ def lm_loss(logits, tokens):
 
 @pytest.mark.parametrize("seq", SEQS)
 def test_logits_match_transformers(models, seq):
-    from pare_nemo.parallel import forward_logits
+    from pare_nemo.engine import forward_logits
 
     v = models["cfg"].vocab_size
     g = torch.Generator(device="cuda").manual_seed(seq)

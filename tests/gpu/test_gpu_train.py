@@ -1,4 +1,4 @@
-"""A short training run on the GPU with pare_nemo.train (Float16Module, megatron DDP, distributed
+"""A short training run on the GPU with pare_nemo.engine (Float16Module, megatron DDP, distributed
 optimizer, cosine schedule, vocab-parallel loss; NCCL): a small GQA Olmo 3 (hidden 256, 4 layers,
 sliding window 64 < S = 256, so the sliding layers train through compiled FlexAttention, forward
 and backward) learns real text (pydoc_data.topics). As tests/test_train.py checks on CPU: bf16
@@ -19,10 +19,11 @@ STEPS, GLOBAL_BATCH, MICRO_BATCH, S = 60, 8, 4, 256
 def test_short_training_run(tmp_path, tokenizer):
     from conversion.convert import import_hf
     from pare_nemo.checkpoint import load_model
+    from pare_nemo.config import Optimizer
     from pare_nemo.data import load_token_data
+    from pare_nemo.engine import setup_training, train_step
     from pare_nemo.parallel import distributed
     from pare_nemo.tiny import make_tiny_olmo3
-    from pare_nemo.train import setup_training, train_step
 
     hf = make_tiny_olmo3(tmp_path / "hf", tokenizer=tokenizer, hidden_size=256,
                          intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=4,
@@ -34,8 +35,8 @@ def test_short_training_run(tmp_path, tokenizer):
                                       calculate_per_token_loss=True)
         assert {p.device.type for p in model.parameters()} == {"cuda"}
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        chunks, optimizer, scheduler = setup_training(model, lr=3e-3, train_steps=STEPS,
-                                                      warmup_steps=5, min_lr=3e-4)
+        chunks, optimizer, scheduler = setup_training(
+            model, Optimizer(lr=3e-3, warmup_steps=5, min_lr=3e-4), STEPS)
         assert {p.dtype for g in optimizer.param_groups for p in g["params"]} == {torch.float32}
         torch.cuda.reset_peak_memory_stats()
         results = []

@@ -1,0 +1,532 @@
+"""Pare's configuration: typed sections, each with its own ``check()``, composed into one config
+per stage. Every default of a stage lives here, once; a recipe (``recipes/olmo3.py``) returns a
+whole stage config; a run saves its config (``distill_args.json`` is a ``DistillConfig``).
+
+    ImportanceConfig  megatron_path, scores_path, text, rows, parallel, aggregation, ...
+    PruneConfig       megatron_path, scores_path, save_path, targets, depth, parallel, ...
+    SearchConfig      megatron_path, scores_path, budget, text, rows, parallel, grid, depth, ...
+    DistillConfig     models, data, run, batch, optimizer, kd, parallel
+    EvalConfig        checkpoints, data, output, rows, parallel, downstream, ...
+
+Flat keys: every leaf name is unique within a stage config, so ``lr=1e-4`` finds
+``optimizer.lr`` (``optimizer.lr=1e-4`` works too). ``Config.of(base, **flat)`` builds a config
+from flat keys on top of ``base`` (a recipe's config) or the defaults; ``flat()`` gives them back.
+This module imports nothing heavy (the CLI reads it to answer ``--help`` without torch); checks
+that need a model or the data import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+DEFAULT_SPLIT = "98,2,0"  # train,valid,test document fractions of a prepare-data prefix
+DTYPES = ("bfloat16", "float32")  # training / loading dtypes (eval also reads float16)
+KD_KINDS = ("forward", "reverse", "jsd")
+INTERMEDIATE = ("none", "cosine", "mse")
+HIDDEN_MATCH = ("kept", "projection")
+RECOMPUTE = ("none", "selective", "full")
+LAYER_METRICS = ("layer", "layer_loss", "block")
+
+
+def need(condition: bool, message: str) -> None:
+    """A check: ValueError(message) unless ``condition``."""
+    if not condition:
+        raise ValueError(message)
+
+
+def one_of(name: str, value, allowed: tuple) -> None:
+    need(value in allowed, f"{name}={value!r}: expected one of {allowed}")
+
+
+def check_seq_length(seq_length: int, hf_config) -> None:
+    """Refuse rows longer than the model's context (RoPE / YaRN were not made for them)."""
+    need(seq_length <= hf_config.max_position_embeddings,
+         f"seq_length={seq_length} is longer than the model's context "
+         f"(max_position_embeddings={hf_config.max_position_embeddings})")
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class Parallel:
+    """Model parallelism; data parallelism is whatever the job's processes leave over."""
+
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+
+    def check(self, *hf_configs, uneven: bool = False, job: bool = True) -> int:
+        """The data-parallel size of this job (torchrun's WORLD_SIZE or srun's SLURM_NTASKS over
+        tp * pp); TP/PP that do not divide a model or (``job``) the job are refused. ``uneven``: a
+        layer count PP does not divide is split unevenly (distillation) instead of refused."""
+        from pare_nemo.olmo3.bridge import check_parallel_sizes
+        from pare_nemo.parallel import world_size
+
+        need(self.tp >= 1 and self.pp >= 1, f"tp={self.tp} and pp={self.pp} must be >= 1")
+        for c in hf_configs:
+            check_parallel_sizes(c, self.tp, self.pp, uneven_pipeline=uneven)
+        world = world_size()
+        need(not job or world % (self.tp * self.pp) == 0,
+             f"world size {world} is not divisible by tp*pp = {self.tp * self.pp}")
+        return world // (self.tp * self.pp)
+
+
+@dataclass(kw_only=True)
+class Rows:
+    """The rows of a forward-only pass: ``num_samples`` rows of ``seq_length`` tokens, run
+    ``micro_batch_size`` at a time, split over the data-parallel ranks."""
+
+    num_samples: int
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+
+    def check(self, *hf_configs, dp: int = 1, whole: bool = True) -> None:
+        """``whole``: every DP rank gets the same number of whole micro-batches (else each rank
+        drops what does not fill a micro-batch, and only needs one)."""
+        need(self.num_samples >= 1 and self.micro_batch_size >= 1 and self.seq_length >= 2,
+             f"num_samples={self.num_samples} and micro_batch_size={self.micro_batch_size} must "
+             f"be >= 1, seq_length={self.seq_length} >= 2")
+        for c in hf_configs:
+            check_seq_length(self.seq_length, c)
+        per_step = dp * self.micro_batch_size
+        if whole:
+            need(self.num_samples % per_step == 0,
+                 f"num_samples={self.num_samples} is not a multiple of data-parallel size {dp} x "
+                 f"micro_batch_size {self.micro_batch_size}")
+        need(self.num_samples >= per_step,
+             f"num_samples={self.num_samples} < data-parallel size {dp} x micro_batch_size "
+             f"{self.micro_batch_size}")
+
+
+@dataclass(kw_only=True)
+class Text:
+    """Raw text read as importance reads it: an HF dataset id (``split`` of it), a local .jsonl /
+    .json / .parquet / .txt file or folder, or ``pydoc``; packed into full rows (``pack``) or one
+    document per row, truncated and padded."""
+
+    data: str
+    split: str = "train"
+    pack: bool = True
+
+    def check(self) -> None:
+        from pathlib import Path
+
+        from pare_nemo.data import PYDOC, _looks_like_path
+
+        need(bool(self.data), "data is empty: give a dataset id, a local file or pydoc")
+        if self.data != PYDOC and _looks_like_path(self.data) and not Path(
+                self.data).expanduser().exists():
+            raise FileNotFoundError(f"data {self.data} does not exist")
+
+
+@dataclass(kw_only=True)
+class Aggregation:
+    """How importance aggregates activations: per sample over its real tokens (``seq``: mean of
+    |a| or L2 norm), then over samples (``batch``: L2 norm or mean). The papers' best: mean, l2."""
+
+    seq: str = "mean"
+    batch: str = "l2"
+
+    def check(self) -> None:
+        need(self.seq in ("mean", "l2") and self.batch in ("l2", "mean"),
+             f"aggregation seq={self.seq!r} batch={self.batch!r}: seq must be one of "
+             f"('mean', 'l2'), batch one of ('l2', 'mean')")
+
+
+@dataclass(kw_only=True)
+class Depth:
+    """How depth pruning picks the layers to drop: the lowest ``layer_loss`` (LM loss increase
+    when skipped; the papers' choice), ``layer`` (Block Influence) or the contiguous ``block`` of
+    lowest summed layer_loss; ``protect_full_attention`` never drops a full-attention layer."""
+
+    layer_metric: str = "layer_loss"
+    protect_full_attention: bool = False
+
+    def check(self) -> None:
+        need(self.layer_metric in LAYER_METRICS, f"layer_metric must be one of {LAYER_METRICS}")
+
+
+@dataclass(kw_only=True)
+class Targets:
+    """The pruned architecture, in NeMo's PruningConfig names (None: keep the original's)."""
+
+    target_ffn_hidden_size: int | None = None
+    target_num_attention_heads: int | None = None
+    target_num_query_groups: int | None = None
+    target_hidden_size: int | None = None
+    target_num_layers: int | None = None
+    drop_layers: list[int] | None = None
+
+    def check(self) -> None:
+        given = dataclasses.asdict(self)
+        need(any(v not in (None, []) for v in given.values()),
+             f"no pruning target given: pass at least one of {', '.join(given)} (or "
+             "recipe=<name>); without one the output would be a copy")
+
+
+@dataclass(kw_only=True)
+class Grid:
+    """Candidate values per axis for ``pare search`` (None: 100/87.5/75/62.5/50% of the
+    original, rounded to multiples of 128, or of 8 below 1024)."""
+
+    ffn: list[int] | None = None
+    heads: list[int] | None = None
+    hidden: list[int] | None = None
+    layers: list[int] | None = None
+
+
+@dataclass(kw_only=True)
+class Models:
+    """Distillation's teacher and student (Pare Megatron checkpoints sharing one tokenizer), the
+    dtype both run in and the student's activation recompute."""
+
+    teacher_path: str
+    student_path: str
+    dtype: str = "bfloat16"
+    recompute: str = "none"  # none | selective | full
+
+    def check(self):
+        """(teacher HF config, student HF config, student padded vocab)."""
+        from pare_nemo.checkpoint import check_same_tokenizer, read_model_config
+
+        one_of("dtype", self.dtype, DTYPES)
+        one_of("recompute", self.recompute, RECOMPUTE)
+        tc, _, _ = read_model_config(self.teacher_path)
+        sc, padded, _ = read_model_config(self.student_path)
+        check_same_tokenizer(self.teacher_path, self.student_path)
+        return tc, sc, padded
+
+
+@dataclass(kw_only=True)
+class Data:
+    """Training rows: ``pare prepare-data`` prefixes (``prefix``, ``a,b`` or a blend
+    ``0.7:a,0.3:b``) read by megatron's GPTDataset: train/valid/test document ``split``, an order
+    set by ``seed``, each token attending only to its own document (``document_mask``)."""
+
+    data: str
+    split: str = DEFAULT_SPLIT
+    seed: int = 1234
+    document_mask: bool = True
+
+    def check(self, tokenizer_checkpoint: str | None = None):
+        """(prefixes, blend weights); each prefix must exist and, when a checkpoint is given, be
+        tokenized with its tokenizer."""
+        from pare_nemo.data import check_data
+
+        return check_data(self.data, tokenizer_checkpoint)
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """A training step: ``global_batch_size`` rows of ``seq_length`` tokens over all DP ranks,
+    ``micro_batch_size`` rows per forward/backward."""
+
+    global_batch_size: int = 768
+    micro_batch_size: int = 1
+    seq_length: int = 8192
+
+    def check(self, *hf_configs, dp: int = 1) -> None:
+        need(min(self.global_batch_size, self.micro_batch_size, self.seq_length) >= 1,
+             "global_batch_size, micro_batch_size and seq_length must be >= 1")
+        for c in hf_configs:
+            check_seq_length(self.seq_length, c)
+        need(self.global_batch_size % (dp * self.micro_batch_size) == 0,
+             f"global_batch_size={self.global_batch_size} is not divisible by data-parallel size "
+             f"{dp} x micro_batch_size {self.micro_batch_size}")
+
+
+@dataclass(kw_only=True)
+class Optimizer:
+    """Adam (megatron's distributed optimizer: bf16 params, fp32 main params and state), linear
+    warmup then cosine decay from ``lr`` to ``min_lr`` over the run, gradient clipping."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    BETAS: typing.ClassVar[tuple[float, float]] = (0.9, 0.95)  # Adam's, as the papers train
+
+    def check(self, train_steps: int) -> None:
+        need(0 <= self.warmup_steps < train_steps and 0 <= self.min_lr <= self.lr,
+             f"need 0 <= warmup_steps ({self.warmup_steps}) < train_steps ({train_steps}) and "
+             f"0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+
+
+@dataclass(kw_only=True)
+class KD:
+    """The distillation loss (see pare_nemo/distill.py):
+    ``alpha CE + (1 - alpha) T^2 KD(teacher || student)`` on the logits, plus
+    ``intermediate_weight x d(h_student[i], h_teacher[j])`` on layer outputs and
+    ``embedding_weight x d(e_student, e_teacher)``."""
+
+    kd: str = "forward"  # forward | reverse | jsd
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd's teacher weight
+    top_k: int | None = None  # KD on the teacher's top k tokens + one bucket for the rest
+    alpha: float = 0.0  # CE weight
+    intermediate_loss: str = "none"  # none | cosine | mse
+    student_layers: list[int] | None = None  # default: every student layer
+    teacher_layers: list[int] | None = None  # default: those the prune plan says they came from
+    intermediate_weight: float = 1.0
+    embedding_weight: float = 0.0
+    hidden_match: str = "kept"  # kept | projection
+    balance: bool = False  # scale each intermediate term to the KD term's magnitude
+
+    def check(self) -> None:
+        one_of("kd", self.kd, KD_KINDS)
+        one_of("intermediate_loss", self.intermediate_loss, INTERMEDIATE)
+        one_of("hidden_match", self.hidden_match, HIDDEN_MATCH)
+        need(0.0 <= self.alpha <= 1.0, f"alpha={self.alpha}: the CE weight must be in [0, 1]")
+
+    @property
+    def states(self) -> bool:
+        """Whether any hidden-state term is on."""
+        return self.intermediate_loss != "none" or bool(self.embedding_weight)
+
+
+@dataclass(kw_only=True)
+class Run:
+    """The run directory (``save_path``) and the loop's cadence. Running the same config again
+    resumes; only the fields in ``RESUMABLE`` may differ on resume."""
+
+    save_path: str
+    train_steps: int = 1000
+    save_interval: int = 500
+    keep_last: int = 2
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: no validation
+    eval_samples: int = 64
+    on_nan: str = "skip"  # skip | stop
+    tensorboard: bool = True
+
+    # what may change when a run is resumed (not train_steps: it sets the learning-rate schedule
+    # and the data order)
+    RESUMABLE: typing.ClassVar[tuple[str, ...]] = (
+        "save_interval", "keep_last", "log_interval", "eval_interval", "eval_samples", "on_nan",
+        "tensorboard")
+
+    def check(self) -> None:
+        one_of("on_nan", self.on_nan, ("skip", "stop"))
+        need(min(self.train_steps, self.save_interval, self.log_interval, self.keep_last) >= 1
+             and self.eval_interval >= 0 and self.eval_samples >= 0,
+             "train_steps, save_interval, log_interval and keep_last must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Downstream:
+    """What ``pare eval`` adds to the losses (``report=false``: nothing): lm-eval ``tasks`` on
+    each model's HF form, generation speed at ``batch_sizes``, samples, the side-by-side report."""
+
+    report: bool = True
+    tasks: str | None = None  # lm-eval task names, comma-separated
+    num_fewshot: int | None = None
+    task_limit: int | None = None
+    chat_template: bool | None = None  # None: when the tokenizer has one
+    max_new_tokens: int = 64
+    batch_sizes: list[int] | None = None  # None: [1, 8]
+
+    def check(self) -> list[str]:
+        """The task names (unknown ones are refused, by lm-eval's task index)."""
+        sizes = self.batch_sizes or [1, 8]
+        need(not self.report or (self.max_new_tokens >= 1 and min(sizes) >= 1),
+             f"max_new_tokens={self.max_new_tokens} and batch_sizes={sizes} must be >= 1")
+        names = [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
+        if names:
+            from pare_nemo.report import check_tasks, task_manager
+
+            check_tasks(names, task_manager(names))
+        return names
+
+
+# ---------------------------------------------------------------- stage configs
+
+
+class Config:
+    """A stage's config: a dataclass of plain fields and sections (dataclasses above)."""
+
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+                if dataclasses.is_dataclass(hints[f.name])}
+
+    @classmethod
+    def leaves(cls) -> dict[str, tuple[str | None, dataclasses.Field, object]]:
+        """Flat name -> (section or None, field, type), in declaration order."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                sub = typing.get_type_hints(kind)
+                out += [(g.name, (f.name, g, sub[g.name])) for g in dataclasses.fields(kind)]
+            else:
+                out.append((f.name, (None, f, kind)))
+        names = [n for n, _ in out]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # flat keys must name one field
+            raise TypeError(f"{cls.__name__}: field names {twice} appear in two sections")
+        return dict(out)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Flat name -> default (``dataclasses.MISSING`` for a required one): the field's own, or
+        what the stage's default section sets."""
+        out = {}
+        for name, (section, f, _) in cls.leaves().items():
+            default = _default(f)
+            if section is not None:
+                owner = next(g for g in dataclasses.fields(cls) if g.name == section)
+                made = _default(owner)
+                if made is not dataclasses.MISSING:
+                    default = getattr(made, name)
+            out[name] = default
+        return out
+
+    @classmethod
+    def of(cls, base: Config | None = None, **flat):
+        """The config ``base`` (or the defaults) with the flat keys ``flat`` set; a TypeError for
+        an unknown key or a missing required one (as a call with such arguments gets)."""
+        if base is not None and not isinstance(base, cls):
+            raise TypeError(f"expected a {cls.__name__}, got {type(base).__name__}")
+        leaves = cls.leaves()
+        values = base.flat() if base is not None else {}
+        for key, value in flat.items():
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            name = key.split(".")[-1]
+            if name not in leaves or ("." in key and key.split(".")[0] != leaves[name][0]):
+                raise TypeError(f"{cls.__name__}: unknown argument {key!r}; expected one of "
+                                 f"{', '.join(leaves)}")
+            values[name] = value
+        missing = [n for n, d in cls.defaults().items()
+                   if d is dataclasses.MISSING and n not in values]
+        if missing:
+            raise TypeError(f"{cls.__name__}: missing required argument(s): "
+                             f"{' '.join(f'{m}=…' for m in missing)}")
+        top, parts = {}, {}
+        for name, value in values.items():
+            section = leaves[name][0]
+            (top if section is None else parts.setdefault(section, {}))[name] = value
+        for section, kind in cls.sections().items():
+            owner = next(g for g in dataclasses.fields(cls) if g.name == section)
+            made = _default(owner)
+            start = {} if made is dataclasses.MISSING else dataclasses.asdict(made)
+            top[section] = kind(**(start | parts.get(section, {})))
+        return cls(**top)
+
+    def flat(self) -> dict:
+        """Flat name -> value (sections' leaves in place)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+            else:
+                out[f.name] = value
+        return out
+
+    def to_dict(self) -> dict:
+        """Nested plain data (JSON-ready): the form a run saves."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Back from ``to_dict`` (or a flat dict, as older runs saved their arguments)."""
+        flat = {}
+        for k, v in d.items():
+            flat |= v if isinstance(v, dict) and k in cls.sections() else {k: v}
+        return cls.of(**flat)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+@dataclass(kw_only=True)
+class ImportanceConfig(Config):
+    """pare importance: score every FFN neuron, head, hidden channel and layer of a checkpoint."""
+
+    megatron_path: str
+    scores_path: str
+    text: Text
+    rows: Rows = field(default_factory=lambda: Rows(num_samples=1024))
+    parallel: Parallel = field(default_factory=Parallel)
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    layer_loss_samples: int = 64  # rows held out after the calibration rows, for layer_loss
+    overwrite: bool = False
+    report: bool = True  # <scores>.png and <scores>.md
+
+
+@dataclass(kw_only=True)
+class PruneConfig(Config):
+    """pare prune: cut a checkpoint down to the target architecture using importance scores."""
+
+    megatron_path: str
+    scores_path: str
+    save_path: str
+    overwrite: bool = False
+    targets: Targets = field(default_factory=Targets)
+    depth: Depth = field(default_factory=Depth)
+    parallel: Parallel = field(default_factory=Parallel)
+
+
+@dataclass(kw_only=True)
+class SearchConfig(Config):
+    """pare search: rank candidate architectures under a parameter budget by zero-shot loss."""
+
+    megatron_path: str
+    scores_path: str
+    budget: float  # parameters
+    text: Text
+    tolerance: float = 0.05  # candidates within budget x (1 +- tolerance)
+    rows: Rows = field(default_factory=lambda: Rows(num_samples=64))
+    parallel: Parallel = field(default_factory=Parallel)
+    grid: Grid = field(default_factory=Grid)
+    depth: Depth = field(default_factory=Depth)
+    out_path: str | None = None  # default: search.json beside the scores
+    top: int = 10  # rows printed
+
+
+@dataclass(kw_only=True)
+class DistillConfig(Config):
+    """pare distill: distill a pruned student from its teacher (logit KD + optional intermediate
+    losses)."""
+
+    models: Models
+    data: Data
+    run: Run
+    batch: Batch = field(default_factory=Batch)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    kd: KD = field(default_factory=KD)
+    parallel: Parallel = field(default_factory=Parallel)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(Config):
+    """pare eval: held-out loss/PPL of checkpoints on the same tokens; tasks, speed and the
+    report."""
+
+    checkpoints: str  # name:path,name:path (a name is optional)
+    data: str  # a prepare-data prefix or blend (its validation split), or raw text
+    output: str = "eval.json"  # a folder or a .json file
+    rows: Rows = field(default_factory=lambda: Rows(num_samples=128))
+    parallel: Parallel = field(default_factory=Parallel)
+    downstream: Downstream = field(default_factory=Downstream)
+    split: str | None = None  # None: a distillation run's, else DEFAULT_SPLIT (prefix) / train
+    pack: bool = True
+    document_mask: bool = True
+    dtype: str | None = None  # None: each checkpoint's own
+    seed: int = 1234
+    overwrite: bool = False
+
+
+STAGES = {"importance": ImportanceConfig, "prune": PruneConfig, "search": SearchConfig,
+          "distill": DistillConfig, "eval": EvalConfig}
