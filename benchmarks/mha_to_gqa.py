@@ -22,7 +22,8 @@ def main():
     from pare_nemo.checkpoint import load_model, read_model_config
     from pare_nemo.config import Targets
     from pare_nemo.data import load_token_data
-    from pare_nemo.importance import importance, lm_loss, load_scores
+    from pare_nemo.engine import forward_loss
+    from pare_nemo.importance import importance, load_scores
     from pare_nemo.olmo3 import bridge
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import distributed
@@ -56,10 +57,12 @@ def main():
                 p = plan(c, scores, Targets(target_num_attention_heads=heads,
                                             target_num_query_groups=groups))
                 cfg = bridge.megatron_config(p.config, dtype=dtype, perform_initialization=False)
-                pruned = build_olmo3_model(cfg, padded, parallel_output=False)
+                pruned = build_olmo3_model(cfg, padded, parallel_output=True)
                 with torch.no_grad():
                     apply_plan(model, pruned, p, c)
-                loss = lm_loss(pruned.eval(), data[rows - held:], 1, c.vocab_size)
+                rest = data[rows - held:]
+                nll, n = forward_loss(pruned, rest.tokens, rest.mask, 1, c.vocab_size)
+                loss = nll / n
                 print(f"{heads:5d} {groups:8d} {num_params(p.config):9d} {loss:7.4f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -236,26 +236,7 @@ def importance(cfg: ImportanceConfig | None = None, **flat) -> str:
         scores["layer_loss"] = layer_loss
 
         if rank0:
-            meta = {
-                "model_config": json.loads(json.dumps(hf_config.to_dict(), default=str)),
-                "config_hash": config_hash(hf_config),
-                "layer_types": list(hf_config.layer_types),
-                "num_samples": scores.pop("_samples"),
-                "num_tokens": scores.pop("_tokens"),
-                "seq_length": rows.seq_length,
-                "data": text.data,
-                "data_sha256": calib.sha256(),
-                "pack": text.pack,
-                "split": text.split,
-                # rows 0..num_samples calibrated the scores, the next layer_loss_samples scored
-                # layer_loss: held-out evaluation (pare search) starts after rows_used
-                "rows_used": rows.num_samples + cfg.layer_loss_samples,
-                "aggregation": {"seq": agg.seq, "batch": agg.batch},
-                "layer_loss_samples": cfg.layer_loss_samples,
-                "base_loss": base_loss,
-                "parallel": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp},
-                "importance_pass_seconds": pass_s,
-            }
+            meta = metadata(cfg, hf_config, scores, calib, base_loss, dp, pass_s)
             out = {k: scores[k] for k in KEYS} | {"metadata": meta}
             scores_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = scores_path.with_name(f".{scores_path.name}.partial")
@@ -266,6 +247,33 @@ def importance(cfg: ImportanceConfig | None = None, **flat) -> str:
         if dist.is_initialized():
             dist.barrier()
     return str(scores_path)
+
+
+def metadata(cfg: ImportanceConfig, hf_config, scores: dict, calib, base_loss: float, dp: int,
+             seconds: float) -> dict:
+    """What the scores file records besides the scores (``scores``' sample and token counts are
+    taken out of it)."""
+    rows, text = cfg.rows, cfg.text
+    return {
+        "model_config": json.loads(json.dumps(hf_config.to_dict(), default=str)),
+        "config_hash": config_hash(hf_config),
+        "layer_types": list(hf_config.layer_types),
+        "num_samples": scores.pop("_samples"),
+        "num_tokens": scores.pop("_tokens"),
+        "seq_length": rows.seq_length,
+        "data": text.data,
+        "data_sha256": calib.sha256(),
+        "pack": text.pack,
+        "split": text.split,
+        # rows 0..num_samples calibrated the scores, the next layer_loss_samples scored
+        # layer_loss: held-out evaluation (pare search) starts after rows_used
+        "rows_used": rows.num_samples + cfg.layer_loss_samples,
+        "aggregation": {"seq": cfg.aggregation.seq, "batch": cfg.aggregation.batch},
+        "layer_loss_samples": cfg.layer_loss_samples,
+        "base_loss": base_loss,
+        "parallel": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp},
+        "importance_pass_seconds": seconds,
+    }
 
 
 class _Scaled:

@@ -58,37 +58,12 @@ def prune_command(megatron_path: str, scores_path: str, save_path: str, targets:
     return "pare prune " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in args.items())
 
 
-def search(cfg: SearchConfig | None = None, **flat) -> str:
-    """Rank candidate architectures within ``budget`` parameters (± ``tolerance``) by held-out loss
-    on ``num_samples`` rows of ``data`` after those importance used, at ``tp`` x ``pp``."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
-
-    from pare_nemo.checkpoint import TOKENIZER_DIR, load_model, read_model_config
-    from pare_nemo.data import NotEnoughData, load_token_data
-    from pare_nemo.engine import data_parallel_share, forward_loss
-    from pare_nemo.importance import load_scores
-    from pare_nemo.olmo3.model import build_olmo3_model
-    from pare_nemo.parallel import device, distributed
-    from pare_nemo.prune import apply_plan
-
-    cfg = SearchConfig.of(cfg, **flat)
-    rows, text, depth, tp, pp = cfg.rows, cfg.text, cfg.depth, cfg.parallel.tp, cfg.parallel.pp
-    # ---- everything checked before any work
-    c, padded, dtype = read_model_config(cfg.megatron_path)
-    dp = cfg.parallel.check(c)
-    rows.check(c, dp=dp)
-    scores = load_scores(cfg.scores_path)
-    validate_scores(scores, c)
-    need(0 < cfg.budget and 0 <= cfg.tolerance < 1,
-         f"budget={cfg.budget} must be > 0 and tolerance={cfg.tolerance} in [0, 1)")
-    depth.check()
-    text.check()
-    out_path = Path(cfg.out_path or Path(cfg.scores_path).with_name("search.json"))
+def candidates_in_budget(c, scores: dict, cfg: SearchConfig):
+    """(the grid, [(targets, parameters, plan)] of the candidates within the budget, the skipped
+    ones with their reasons); an error when no candidate fits."""
+    tp, pp, depth, g = cfg.parallel.tp, cfg.parallel.pp, cfg.depth, cfg.grid
     mult = lambda n: 128 if n >= 1024 else 8  # noqa: E731
     ng, nh = c.num_key_value_heads, c.num_attention_heads
-    g = cfg.grid
     grid = {
         "ffn": g.ffn or _grid(c.intermediate_size, mult(c.intermediate_size)),
         "heads": g.heads or [h for h in _grid(nh, 1) if h % ng == 0 or ng == nh],
@@ -120,6 +95,38 @@ def search(cfg: SearchConfig | None = None, **flat) -> str:
         why = sorted({s["reason"] for s in skipped})
         raise ValueError(f"no candidate in the grid {grid} has {lo:.4g}..{hi:.4g} parameters"
                          + (f" (skipped: {'; '.join(why)})" if why else ""))
+    return grid, candidates, skipped
+
+
+def search(cfg: SearchConfig | None = None, **flat) -> str:
+    """Rank candidate architectures within ``budget`` parameters (± ``tolerance``) by held-out loss
+    on ``num_samples`` rows of ``data`` after those importance used, at ``tp`` x ``pp``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from transformers import AutoTokenizer
+
+    from pare_nemo.checkpoint import TOKENIZER_DIR, load_model, read_model_config
+    from pare_nemo.data import NotEnoughData, load_token_data
+    from pare_nemo.engine import data_parallel_share, forward_loss
+    from pare_nemo.importance import load_scores
+    from pare_nemo.olmo3.model import build_olmo3_model
+    from pare_nemo.parallel import device, distributed
+    from pare_nemo.prune import apply_plan
+
+    cfg = SearchConfig.of(cfg, **flat)
+    rows, text, depth, tp, pp = cfg.rows, cfg.text, cfg.depth, cfg.parallel.tp, cfg.parallel.pp
+    # ---- everything checked before any work
+    c, padded, dtype = read_model_config(cfg.megatron_path)
+    dp = cfg.parallel.check(c)
+    rows.check(c, dp=dp)
+    scores = load_scores(cfg.scores_path)
+    validate_scores(scores, c)
+    need(0 < cfg.budget and 0 <= cfg.tolerance < 1,
+         f"budget={cfg.budget} must be > 0 and tolerance={cfg.tolerance} in [0, 1)")
+    depth.check()
+    text.check()
+    out_path = Path(cfg.out_path or Path(cfg.scores_path).with_name("search.json"))
+    grid, candidates, skipped = candidates_in_budget(c, scores, cfg)
     start = first_held_out_row(scores["metadata"], text.data, rows.seq_length, text.pack,
                                text.split)
     rows_range = [start, start + rows.num_samples]  # held-out rows [start, end) of data
