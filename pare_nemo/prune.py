@@ -328,14 +328,7 @@ def prune(cfg: PruneConfig | None = None, **flat) -> str:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from pare_nemo.checkpoint import (
-        TOKENIZER_DIR,
-        atomic_output_dir,
-        check_output_dir,
-        load_model,
-        read_model_config,
-        save_model,
-    )
+    from pare_nemo import checkpoint as ck
     from pare_nemo.importance import load_scores
     from pare_nemo.olmo3.model import build_olmo3_model
     from pare_nemo.parallel import device, distributed
@@ -345,16 +338,16 @@ def prune(cfg: PruneConfig | None = None, **flat) -> str:
     # ---- everything checked before any work
     cfg.targets.check()
     inputs = [cfg.megatron_path, cfg.scores_path]
-    check_output_dir(cfg.save_path, cfg.overwrite, inputs)
-    hf_config, padded, dtype = read_model_config(cfg.megatron_path)
+    ck.check_output_dir(cfg.save_path, cfg.overwrite, inputs)
+    hf_config, padded, dtype = ck.read_model_config(cfg.megatron_path)
     cfg.parallel.check(hf_config, job=False)
     scores = load_scores(cfg.scores_path)
     validate_scores(scores, hf_config)
     p = plan(hf_config, scores, cfg.targets, cfg.depth, tp)
     cfg.parallel.check(p.config)
 
-    with distributed(tp, pp), atomic_output_dir(cfg.save_path, cfg.overwrite, inputs) as tmp:
-        model, _ = load_model(cfg.megatron_path)
+    with distributed(tp, pp), ck.atomic_output_dir(cfg.save_path, cfg.overwrite, inputs) as tmp:
+        model, _ = ck.load_model(cfg.megatron_path)
         megatron_cfg = bridge.megatron_config(p.config, tp=tp, pp=pp, dtype=dtype,
                                               perform_initialization=False)
         new_model = build_olmo3_model(megatron_cfg, padded,
@@ -363,10 +356,10 @@ def prune(cfg: PruneConfig | None = None, **flat) -> str:
         with torch.no_grad():
             apply_plan(model, new_model, p, hf_config)
         del model
-        save_model(new_model, tmp, p.config, padded, dtype)
+        ck.save_model(new_model, tmp, p.config, padded, dtype)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if rank0:
-            shutil.copytree(Path(cfg.megatron_path) / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            shutil.copytree(Path(cfg.megatron_path) / ck.TOKENIZER_DIR, tmp / ck.TOKENIZER_DIR)
             save_plan(p, tmp / PLAN_FILE, source=cfg.megatron_path, scores=cfg.scores_path,
                       targets={**dataclasses.asdict(cfg.targets),
                                "drop_layers": cfg.targets.drop_layers or None,
