@@ -221,16 +221,24 @@ class Data:
 
 @dataclass(kw_only=True)
 class Batch:
-    """A training step: ``global_batch_size`` rows of ``seq_length`` tokens over all DP ranks,
-    ``micro_batch_size`` rows per forward/backward."""
+    """The rows a training run reads: ``train_steps`` steps of ``global_batch_size`` rows of
+    ``seq_length`` tokens over all DP ranks, ``micro_batch_size`` rows per forward/backward
+    (``train_steps`` also sets the learning-rate schedule and, with the global batch, the data
+    order)."""
 
+    train_steps: int = 1000
     global_batch_size: int = 768
     micro_batch_size: int = 1
     seq_length: int = 8192
 
+    @property
+    def rows(self) -> int:
+        return self.train_steps * self.global_batch_size
+
     def check(self, *hf_configs, dp: int = 1) -> None:
-        need(min(self.global_batch_size, self.micro_batch_size, self.seq_length) >= 1,
-             "global_batch_size, micro_batch_size and seq_length must be >= 1")
+        need(min(self.train_steps, self.global_batch_size, self.micro_batch_size,
+                 self.seq_length) >= 1,
+             "train_steps, global_batch_size, micro_batch_size and seq_length must be >= 1")
         for c in hf_configs:
             check_seq_length(self.seq_length, c)
         need(self.global_batch_size % (dp * self.micro_batch_size) == 0,
@@ -294,7 +302,6 @@ class Run:
     resumes; only the fields in ``RESUMABLE`` may differ on resume."""
 
     save_path: str
-    train_steps: int = 1000
     save_interval: int = 500
     keep_last: int = 2
     log_interval: int = 10
@@ -303,17 +310,16 @@ class Run:
     on_nan: str = "skip"  # skip | stop
     tensorboard: bool = True
 
-    # what may change when a run is resumed (not train_steps: it sets the learning-rate schedule
-    # and the data order)
+    # what may change when a run is resumed (every other field of the config sets the curve)
     RESUMABLE: typing.ClassVar[tuple[str, ...]] = (
         "save_interval", "keep_last", "log_interval", "eval_interval", "eval_samples", "on_nan",
         "tensorboard")
 
     def check(self) -> None:
         one_of("on_nan", self.on_nan, ("skip", "stop"))
-        need(min(self.train_steps, self.save_interval, self.log_interval, self.keep_last) >= 1
+        need(min(self.save_interval, self.log_interval, self.keep_last) >= 1
              and self.eval_interval >= 0 and self.eval_samples >= 0,
-             "train_steps, save_interval, log_interval and keep_last must be >= 1")
+             "save_interval, log_interval and keep_last must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -110,7 +110,7 @@ def demo(workdir: str = "pare_demo", seq_length: int = 128) -> None:
     step("prepare-data (pydoc_data.topics -> megatron indexed dataset)", lambda: prepare_data(
         "pydoc", str(mg_dir / "tokenizer"), str(data_prefix), limit_docs=200))
     recipe = tiny_distill(workdir)
-    step(f"distill the pruned student ({recipe.run.train_steps} steps x "
+    step(f"distill the pruned student ({recipe.batch.train_steps} steps x "
          f"{recipe.batch.global_batch_size} x {recipe.batch.seq_length} tokens) + export",
          lambda: export_hf(distill(recipe, tensorboard=False), str(distilled_hf)))
     eval_dir, held_out = work / "eval", work / "held_out.txt"

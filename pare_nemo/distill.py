@@ -374,7 +374,7 @@ def check(cfg: DistillConfig) -> Checked:
 
     cfg.kd.check()
     cfg.run.check()
-    cfg.optimizer.check(cfg.run.train_steps)
+    cfg.optimizer.check(cfg.batch.train_steps)
     tc, sc, padded = cfg.models.check()
     need(cfg.models.recompute != "full" or not cfg.kd.states,
          "recompute=full reruns whole layers in backward, so intermediate states have no graph: "
@@ -428,7 +428,7 @@ class Distillation:
             add_projections(student, checked.pairs, checked.student.hidden_size,
                             checked.teacher.hidden_size, bool(cfg.kd.embedding_weight))
         self.chunks, self.optimizer, self.scheduler = setup_training(
-            student, cfg.optimizer, cfg.run.train_steps)
+            student, cfg.optimizer, cfg.batch.train_steps)
         self.distiller = Distiller(self.chunks[0], teacher, checked.student, checked.teacher,
                                    checked.pairs, checked.student.vocab_size, cfg.kd)
         if self.rank0 and not checked.resume:
@@ -440,7 +440,7 @@ class Distillation:
         self.consumed = state["consumed_samples"] if state else 0
         self.distiller.scales = dict(state.get("balance_scales", {})) if state else {}
         flops = flops_per_token(checked.student, S) * 3 + flops_per_token(checked.teacher, S)
-        self.metrics = Metrics(Path(cfg.run.save_path), self.step, cfg.run.train_steps,
+        self.metrics = Metrics(Path(cfg.run.save_path), self.step, cfg.batch.train_steps,
                                self.rank0, cfg.run.tensorboard, flops, dist.get_world_size())
         if state:
             self.metrics.say(f"resuming {cfg.run.save_path} at step {self.step} "
@@ -451,9 +451,9 @@ class Distillation:
         intervals; on SIGTERM/SIGUSR1 a checkpoint, then the exit code that requeues the job."""
         from pare_nemo.engine import REQUEUE_EXIT_CODE, run_step
 
-        run, gbs = self.cfg.run, self.cfg.batch.global_batch_size
+        run, steps, gbs = self.cfg.run, self.cfg.batch.train_steps, self.cfg.batch.global_batch_size
         skipped_in_a_row = 0
-        while self.step < run.train_steps:
+        while self.step < steps:
             self.metrics.step_started()
             result = run_step(self.chunks, self.optimizer, self.scheduler,
                               self.batches(self.train_set, self.consumed, gbs),
@@ -474,7 +474,7 @@ class Distillation:
             stop = signals.requested()
             if stop or self.due(run.save_interval):
                 self.save()
-            if stop and self.step < run.train_steps:
+            if stop and self.step < steps:
                 self.metrics.say(f"{signals.received or 'stop signal'}: saved step {self.step}; "
                                  f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued and "
                                  "resumes")
@@ -486,7 +486,7 @@ class Distillation:
     def due(self, interval: int) -> bool:
         """Every ``interval`` steps and at the last one (never for 0)."""
         return bool(interval) and (self.step % interval == 0
-                                   or self.step == self.cfg.run.train_steps)
+                                   or self.step == self.cfg.batch.train_steps)
 
     def batches(self, dataset, start: int, rows: int) -> list[MicroBatch]:
         """This DP rank's micro-batches of the rows [start, start + rows) of ``dataset``."""
@@ -540,7 +540,7 @@ class Distillation:
         prefixes, weights = c.data.check()
         eval_samples = c.run.eval_samples if c.run.eval_interval else 0
         train, valid = training_dataset(
-            prefixes, c.batch.seq_length, c.run.train_steps * c.batch.global_batch_size,
+            prefixes, c.batch.seq_length, c.batch.rows,
             c.batch.global_batch_size, c.data.seed, self.eos, split=c.data.split,
             weights=weights, valid_samples=eval_samples or None)
         if eval_samples and valid is None:

@@ -9,6 +9,13 @@ out: zero probability and zero gradient whatever their values. As in megatron's
 ``vocab_parallel_cross_entropy``, each token's max and sum of exponentials are all-reduced over the
 TP group; only [tokens]-sized vectors (and, for ``top_k``, [tokens, k] candidates) travel.
 
+``teacher_top_k(teacher_logits, vocab_size, k, temperature)`` and ``kl_divergence_stored(student_logits,
+ids, logprobs, log_rest, vocab_size, kind, beta, temperature)``: offline distillation. The first
+gives, per token, the teacher's k most probable token ids, their log-probabilities under
+softmax(teacher_logits / T) and the log of the rest of the mass (what ``pare teacher-logits``
+stores); the second is ``kl_divergence(..., top_k=k)`` computed from those stored values instead of
+the teacher's logits, to the last bit at TP=1 (the same arithmetic).
+
 ``next_token_nll`` (the LM loss of every stage: importance's layer_loss, search, distillation's CE
 term, evaluation, training) and ``state_distance`` (distillation's intermediate-state terms) are
 built on them, below the two primitives.
@@ -117,6 +124,68 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vo
         return _StoredGradient.apply(student_logits, _kl_chunks, lay["chunk"], teacher_logits,
                                      lay, opts)
     return _kl_chunks(student_logits, teacher_logits, lay, opts, need_grad=False)[0]
+
+
+def teacher_top_k(logits: torch.Tensor, vocab_size: int, k: int, temperature: float = 1.0,
+                  tp_group=None, chunk: int | None = None):
+    """``(ids, logprobs, log_rest)`` of each token's k most probable tokens under
+    softmax(logits / T) over the real vocabulary: global token ids [..., k] (int64, most probable
+    first), their log-probabilities [..., k] and the log of the remaining mass [...] (fp32; -inf
+    when k covers the vocabulary). Vocab-parallel like the other losses: every TP rank returns the
+    same values. No gradient (the teacher's)."""
+    _check_logits(logits, "logits")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    lay = _layout(logits, vocab_size, tp_group, chunk)
+    k = min(k, vocab_size)
+    with torch.no_grad():
+        x2 = logits.reshape(-1, lay["v_local"])
+        n, nv = x2.shape[0], lay["real"]
+        ids = torch.empty(n, k, dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+        rest = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for r0 in range(0, n, lay["chunk"]):
+            x = x2[r0:r0 + lay["chunk"], :nv]
+            top, gid, sel = _top_k(x, k, lay)
+            M, S, shift = _normalizer(x.float(), sel, lay, temperature)
+            ids[r0:r0 + len(x)] = gid
+            logprobs[r0:r0 + len(x)] = (top - M[0, :, None]) / temperature - S[0, :, None]
+            rest[r0:r0 + len(x)] = S[1] - shift - S[0]
+    lead = logits.shape[:-1]
+    return ids.view(*lead, k), logprobs.view(*lead, k), rest.view(lead)
+
+
+def kl_divergence_stored(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                         log_rest: torch.Tensor, vocab_size: int, kind: str = "forward",
+                         beta: float = 0.5, temperature: float = 1.0, tp_group=None,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Per-token ``kl_divergence(student_logits, teacher_logits, top_k=k)`` from the teacher's
+    stored top k (``teacher_top_k``'s ``ids``, ``logprobs``, ``log_rest``, computed at the same
+    ``temperature``): the divergence over the k tokens plus one bucket with the rest of each
+    distribution's mass. Only the student gets a gradient."""
+    _check_logits(student_logits, "student_logits")
+    lead = tuple(student_logits.shape[:-1])
+    if ids.shape[:-1] != lead or logprobs.shape != ids.shape or tuple(log_rest.shape) != lead:
+        raise ValueError(f"stored teacher ids {tuple(ids.shape)}, logprobs "
+                         f"{tuple(logprobs.shape)} and log_rest {tuple(log_rest.shape)} do not fit "
+                         f"student logits {tuple(student_logits.shape)} ([..., k], [..., k], [...])")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    lay = _layout(student_logits, vocab_size, tp_group, chunk)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"stored teacher ids must be in [0, {vocab_size})")
+    stored = (ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1]),
+              log_rest.reshape(-1))
+    opts = (kind, float(beta), float(temperature), ids.shape[-1])
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _StoredGradient.apply(student_logits, _kl_chunks, lay["chunk"], stored, lay, opts)
+    return _kl_chunks(student_logits, stored, lay, opts, need_grad=False)[0]
 
 
 def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
@@ -269,60 +338,107 @@ def _jsd_logs_(d, beta):
     return d.neg_().add_(b), b  # log m - log p = b - d
 
 
-def _top_k_columns(xt, k, lay):
-    """[c, real] bool: this rank's columns among each token's k largest teacher logits over the
-    whole vocabulary. Every rank sends its min(k, V_local) best (padded with -inf), all ranks pick
-    the same k from the gathered candidates."""
-    c, nv = xt.shape
+def _top_k(x, k, lay):
+    """Each row's k largest values of ``x`` [c, real] over the whole vocabulary (fp32, largest
+    first), their global column ids and [c, real] bool: which of this rank's columns they are.
+    Every rank sends its min(k, V_local) best (padded with -inf), all ranks pick the same k from
+    the gathered candidates."""
+    c, nv = x.shape
     kg = min(k, lay["v_local"])  # the same on every rank; world * kg >= vocab_size >= k
     kl = min(kg, nv)
-    vals = torch.full((c, kg), float("-inf"), device=xt.device)
-    idx = torch.zeros((c, kg), dtype=torch.long, device=xt.device)
+    vals = torch.full((c, kg), float("-inf"), device=x.device)
+    idx = torch.zeros((c, kg), dtype=torch.long, device=x.device)
     if kl:
-        v, i = xt.topk(kl, dim=1)
-        vals[:, :kl], idx[:, :kl] = v.float(), i
+        v, i = x.topk(kl, dim=1)
+        vals[:, :kl], idx[:, :kl] = v.float(), i + lay["start"]
     if lay["world"] > 1:
         parts = [torch.empty_like(vals) for _ in range(lay["world"])]
         dist.all_gather(parts, vals, group=lay["group"])
         vals = torch.cat(parts, dim=1)
-    pos = vals.topk(k, dim=1).indices - lay["rank"] * kg  # candidates of this rank: [0, kl)
-    mine = (pos >= 0) & (pos < kl)
-    cols = torch.where(mine, idx.gather(1, pos.clamp(0, kg - 1)), nv)  # nv: a dummy column
-    sel = torch.zeros((c, nv + 1), dtype=torch.bool, device=xt.device)
-    return sel.scatter_(1, cols, True)[:, :nv]
+        parts = [torch.empty_like(idx) for _ in range(lay["world"])]
+        dist.all_gather(parts, idx, group=lay["group"])
+        idx = torch.cat(parts, dim=1)
+    top, pos = vals.topk(k, dim=1)
+    gid = idx.gather(1, pos)
+    return top, gid, _columns(gid, nv, lay)[0]
+
+
+def _columns(gid, nv, lay):
+    """For global ids ``gid`` [c, k]: [c, real] bool, which of this rank's columns they are, and
+    their local column [c, k] (``real`` where another rank holds them)."""
+    local = gid - lay["start"]
+    local = torch.where((local >= 0) & (local < nv), local, nv)  # nv: a dummy column
+    sel = torch.zeros((gid.shape[0], nv + 1), dtype=torch.bool, device=gid.device)
+    return sel.scatter_(1, local, True)[:, :nv], local
+
+
+def _normalizer(x, sel, lay, T):
+    """For x [c, real] (fp32): the max over the vocabulary and over the bucket (the columns not in
+    ``sel``), M [2, c]; log of the sums of exp((x - max) / T), S [2, c] (the whole vocabulary, the
+    bucket); the shift (M[0] - M[1]) / T from one max to the other. The bucket's own max keeps its
+    log-mass finite (no underflow); an empty bucket has S[1] = -inf."""
+    ninf = float("-inf")
+    M = _all_reduce(torch.stack([_row_max(x), _row_max(x.masked_fill(sel, ninf))]), _MAX, lay)
+    M = torch.where(M > ninf, M, 0.0)  # empty bucket (k = vocab): its sum below is 0
+    z = (x - M[0, :, None]) / T
+    shift = (M[0] - M[1]) / T
+    sums = [torch.exp(z).sum(1), torch.exp(z + shift[:, None]).masked_fill_(sel, 0).sum(1)]
+    return M, _all_reduce(torch.stack(sums), _SUM, lay).log_(), shift
+
+
+def _teacher_columns(teacher, lay, r0, c, nv, T, k, xs):
+    """The teacher side of one chunk: B [c, real] (log p on this rank's columns; on the top-k
+    columns only when ``sel`` is given), sel, log p of the bucket; and the student's max, log-sums
+    and shifts reduced with it. ``teacher`` is a logits tensor [N, V_local] or the stored top k
+    ``(ids, logprobs, log_rest)``."""
+    ninf = float("-inf")
+    if isinstance(teacher, tuple):  # stored: log p of the top k and of the bucket are given
+        ids, lps, rest = (t[r0:r0 + c] for t in teacher)
+        sel, local = _columns(ids, nv, lay)
+        B = torch.zeros((c, nv + 1), dtype=torch.float32, device=xs.device)
+        B = B.scatter_(1, local, lps.float())[:, :nv]
+        M, S, shift = _normalizer(xs.float(), sel, lay, T)
+        A = (xs - M[0, :, None]) / T - S[0, :, None]  # log q
+        return A, B, sel, S[1] - shift - S[0], rest.float()
+    xt = teacher[r0:r0 + c, :nv]
+    sel = _top_k(xt, k, lay)[2] if k is not None else None
+    maxes = [_row_max(xs), _row_max(xt)]
+    if sel is not None:  # the bucket's own max keeps its log-mass finite (no underflow)
+        maxes += [_row_max(xs.masked_fill(sel, ninf)), _row_max(xt.masked_fill(sel, ninf))]
+    M = _all_reduce(torch.stack(maxes), _MAX, lay)
+    M = torch.where(M > ninf, M, 0.0)  # empty bucket (k = vocab): its sum below is 0
+    A = xs - M[0, :, None]  # student logits minus their max (a new fp32 tensor)
+    B = xt - M[1, :, None]
+    if T != 1.0:
+        A.div_(T), B.div_(T)
+    sums = [torch.exp(A).sum(1), torch.exp(B).sum(1)]
+    if sel is not None:
+        shift = (M[:2] - M[2:]) / T  # from each max to its bucket's max
+        sums += [torch.exp(A + shift[0, :, None]).masked_fill_(sel, 0).sum(1),
+                 torch.exp(B + shift[1, :, None]).masked_fill_(sel, 0).sum(1)]
+    S = _all_reduce(torch.stack(sums), _SUM, lay).log_()
+    A.sub_(S[0, :, None])  # log q
+    B.sub_(S[1, :, None])  # log p
+    if sel is None:
+        return A, B, None, None, None
+    # log q and log p of the bucket; -inf when it is empty
+    return A, B, sel, S[2] - shift[0] - S[0], S[3] - shift[1] - S[1]
 
 
 def _kl_chunks(student, teacher, lay, opts, need_grad):
+    """``teacher``: logits like ``student``, or the stored top k ``(ids, logprobs, log_rest)``."""
     kind, beta, T, k = opts
     s2 = student.reshape(-1, lay["v_local"])
-    t2 = teacher.reshape(-1, lay["v_local"])
+    if not isinstance(teacher, tuple):
+        teacher = teacher.reshape(-1, lay["v_local"])
     nv, chunk = lay["real"], lay["chunk"]
     loss = torch.empty(s2.shape[0], dtype=torch.float32, device=s2.device)
     grad = _new_grad(student, lay, need_grad)
     g2 = None if grad is None else grad.view(-1, lay["v_local"])
-    ninf = float("-inf")
     for r0 in range(0, s2.shape[0], chunk):
-        xs, xt = s2[r0:r0 + chunk, :nv], t2[r0:r0 + chunk, :nv]
-        sel = _top_k_columns(xt, k, lay) if k is not None else None
-        maxes = [_row_max(xs), _row_max(xt)]
-        if sel is not None:  # the bucket's own max keeps its log-mass finite (no underflow)
-            maxes += [_row_max(xs.masked_fill(sel, ninf)), _row_max(xt.masked_fill(sel, ninf))]
-        M = _all_reduce(torch.stack(maxes), _MAX, lay)
-        M = torch.where(M > ninf, M, 0.0)  # empty bucket (k = vocab): its sum below is 0
-        A = xs - M[0, :, None]  # student logits minus their max (a new fp32 tensor)
-        B = xt - M[1, :, None]
-        if T != 1.0:
-            A.div_(T), B.div_(T)
-        sums = [torch.exp(A).sum(1), torch.exp(B).sum(1)]
+        xs = s2[r0:r0 + chunk, :nv]
+        A, B, sel, lq_r, lp_r = _teacher_columns(teacher, lay, r0, xs.shape[0], nv, T, k, xs)
         if sel is not None:
-            shift = (M[:2] - M[2:]) / T  # from each max to its bucket's max
-            sums += [torch.exp(A + shift[0, :, None]).masked_fill_(sel, 0).sum(1),
-                     torch.exp(B + shift[1, :, None]).masked_fill_(sel, 0).sum(1)]
-        S = _all_reduce(torch.stack(sums), _SUM, lay).log_()
-        A.sub_(S[0, :, None])  # log q
-        B.sub_(S[1, :, None])  # log p
-        if sel is not None:  # log q and log p of the bucket; -inf when it is empty
-            lq_r, lp_r = S[2] - shift[0] - S[0], S[3] - shift[1] - S[1]
             q_r, p_r = lq_r.exp(), lp_r.exp()
         # per column: `terms` sum to the loss; h_i = q_i dL/dq_i, so that
         # dL/d(logit_i / T) = h_i - q_i E with E = sum_i h_i (the bucket counts as one column)

@@ -124,9 +124,8 @@ def _distill(axis: str, kd: KD) -> DistillConfig:
     return DistillConfig(
         models=Models(teacher_path=TEACHER, student_path=pruned(axis), recompute="selective"),
         data=Data(data=OLMO3_DISTILL_DATA),
-        run=Run(save_path=distilled(axis), train_steps=15000, save_interval=200,
-                eval_interval=200),
-        kd=kd, parallel=Parallel(tp=2))
+        run=Run(save_path=distilled(axis), save_interval=200, eval_interval=200),
+        batch=Batch(train_steps=15000), kd=kd, parallel=Parallel(tp=2))
 
 
 def olmo3_7b_distill_width() -> DistillConfig:
@@ -154,9 +153,8 @@ def tiny_distill(workdir: str = "pare_demo") -> DistillConfig:
     return DistillConfig(
         models=Models(teacher_path=f"{workdir}/megatron", student_path=f"{workdir}/pruned"),
         data=Data(data=f"{workdir}/data/pydoc"),
-        run=Run(save_path=f"{workdir}/distilled", train_steps=60, save_interval=20,
-                eval_interval=20),
-        batch=Batch(global_batch_size=16, micro_batch_size=8, seq_length=64),
+        run=Run(save_path=f"{workdir}/distilled", save_interval=20, eval_interval=20),
+        batch=Batch(train_steps=60, global_batch_size=16, micro_batch_size=8, seq_length=64),
         optimizer=Optimizer(lr=3e-3, min_lr=3e-4, warmup_steps=5))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pare_nemo.losses import cross_entropy, kl_divergence
+from pare_nemo.losses import cross_entropy, kl_divergence, kl_divergence_stored, teacher_top_k
 
 # (name, kind or "ce", kwargs); vocab sizes and shapes come from make_inputs
 CASES = [
@@ -20,6 +20,11 @@ CASES = [
     ("reverse_top10_T0.5", "reverse", {"top_k": 10, "temperature": 0.5}),
     ("jsd_0.9_top10", "jsd", {"beta": 0.9, "top_k": 10}),
     ("forward_top_all", "forward", {"top_k": 10**6}),
+    # the teacher's top k stored (teacher_top_k) and the divergence from them (offline KD)
+    ("stored_forward_top10", "stored forward", {"top_k": 10}),
+    ("stored_reverse_top10_T0.5", "stored reverse", {"top_k": 10, "temperature": 0.5}),
+    ("stored_jsd_0.9_top10_T2", "stored jsd", {"beta": 0.9, "top_k": 10, "temperature": 2.0}),
+    ("stored_forward_top_all", "stored forward", {"top_k": 10**6}),
 ]
 
 
@@ -46,6 +51,12 @@ def run_cases(inputs, vocab_size, rank=0, world=1, tp_group=None, dtype=torch.fl
         teacher = inputs["teacher"][..., cols].to(dtype)
         if kind == "ce":
             loss = cross_entropy(student, inputs["labels"], vocab_size, tp_group=tp_group, **kw)
+        elif kind.startswith("stored"):
+            kw = dict(kw)
+            stored = teacher_top_k(teacher, vocab_size, kw.pop("top_k"),
+                                   kw.get("temperature", 1.0), tp_group=tp_group)
+            loss = kl_divergence_stored(student, *stored, vocab_size, kind=kind.split()[1],
+                                        tp_group=tp_group, **kw)
         else:
             loss = kl_divergence(student, teacher, vocab_size, kind=kind, tp_group=tp_group, **kw)
         (inputs["weights"] * loss).sum().backward()

@@ -30,7 +30,8 @@ def test_flat_and_dotted_keys_reach_their_section():
     assert cfg.optimizer.lr == 3e-3 and cfg.parallel.tp == 2 and cfg.kd.top_k == 8
     assert cfg.optimizer.min_lr == Optimizer().min_lr  # the rest: the section's defaults
     again = DistillConfig.of(cfg, train_steps=7)  # on top of a config: it stays, the key changes
-    assert again.run.train_steps == 7 and again.optimizer.lr == 3e-3 and cfg.run.train_steps != 7
+    assert again.batch.train_steps == 7 and again.optimizer.lr == 3e-3
+    assert cfg.batch.train_steps != 7
     with pytest.raises(TypeError, match="unknown argument 'lrr'"):
         DistillConfig.of(**REQUIRED, lrr=1)
     with pytest.raises(TypeError, match="unknown argument 'kd.lr'"):  # a section it is not in
@@ -115,7 +116,7 @@ def test_readme_python_example(monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     (cfg,) = calls
-    assert cfg.optimizer.lr == 1e-3 and cfg.run.train_steps == 30
+    assert cfg.optimizer.lr == 1e-3 and cfg.batch.train_steps == 30
     assert cfg.models.teacher_path == "pare_demo/megatron"
 
 

@@ -188,6 +188,36 @@ def test_bad_input(inputs):
             fn()
 
 
+@pytest.mark.parametrize("kind,beta,temperature,top_k", [
+    ("forward", 0.5, 1.0, 7), ("reverse", 0.5, 2.0, 7), ("jsd", 0.3, 0.5, 7),
+    ("forward", 0.5, 2.0, V), ("jsd", 0.5, 1.0, V)])
+def test_stored_top_k_is_online_top_k(inputs, kind, beta, temperature, top_k):
+    """Offline KD from the teacher's stored top k (ids, log-probs, log of the rest) is online
+    top-k KD: the same loss and gradient (here to the last bit: the same arithmetic), and the
+    stored values are those of the definition."""
+    from pare_nemo.losses import kl_divergence_stored, teacher_top_k
+
+    student, teacher, w = inputs["student"], inputs["teacher"], inputs["weights"]
+    ids, lps, rest = teacher_top_k(teacher, V, top_k, temperature)
+    lp = torch.log_softmax(teacher[..., :V].double() / temperature, -1)
+    assert torch.equal(ids, teacher[..., :V].topk(top_k, -1).indices)
+    close(lps, lp.gather(-1, ids), tol=1e-5)
+    rest_ref = (1 - lp.gather(-1, ids).exp().sum(-1)).clamp(min=0).log()
+    if top_k < V:
+        close(rest, rest_ref, tol=1e-4)
+    else:
+        assert torch.isneginf(rest).all()
+    online = loss_and_grad(kl_divergence, student, teacher, V, kind=kind, beta=beta,
+                           temperature=temperature, top_k=top_k, weights=w)
+    stored = loss_and_grad(kl_divergence_stored, student, ids, lps, rest, V, kind=kind,
+                           beta=beta, temperature=temperature, weights=w)
+    assert torch.equal(stored[0], online[0]) and torch.equal(stored[1], online[1])
+    # fp16 storage (pare teacher-logits' default): within fp16's rounding of the log-probs
+    half = loss_and_grad(kl_divergence_stored, student, ids, lps.half(), rest, V, kind=kind,
+                         beta=beta, temperature=temperature, weights=w)
+    close(half[0], online[0], tol=2e-3)
+
+
 def test_tensor_parallel_equals_tp1(tmp_path):
     inputs = {V: make_inputs(V, PADDED), 400: make_inputs(400, PADDED)}  # 400: rank 1 all padding
     torch.save(inputs, tmp_path / "inputs.pt")
