@@ -1,11 +1,12 @@
 """``pare <command> key=value …``: the same entrypoints as ``nemo llm <command> key=value …``.
 
 Fast by construction: ``pare --help``, a misspelled key or a bad value are answered without
-importing torch or megatron; the stage module is imported only when the command runs. A stage with
-a typed config (importance, prune, search, distill, eval: :mod:`pare_nemo.config`, which imports
-nothing heavy) takes its config's fields as flat keys (``lr=1e-4``, or ``optimizer.lr=1e-4``); the
-other commands' arguments (names, types, defaults) are read from their function's source with
-:mod:`ast`. ``recipe=<name>`` starts from a recipe's config (``recipes/olmo3.py``).
+importing torch or megatron; the stage module is imported only when the command runs. A stage
+with a typed config (importance, prune, search, teacher-logits, distill, eval:
+:mod:`pare_nemo.config`, which imports nothing heavy) takes its config's fields as flat keys
+(``lr=1e-4``, or ``optimizer.lr=1e-4``); the other commands' arguments (names, types, defaults)
+are read from their function's source with :mod:`ast`. ``recipe=<name>`` starts from a recipe's
+config (``recipes/olmo3.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ COMMANDS = {
     "prune": ("pare_nemo.prune", "prune"),
     "search": ("pare_nemo.search", "search"),
     "prepare-data": ("pare_nemo.data", "prepare_data"),
+    "teacher-logits": ("pare_nemo.teacher_logits", "teacher_logits"),
     "distill": ("pare_nemo.distill", "distill"),
     "eval": ("pare_nemo.eval", "evaluate"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 
 REQUIRED = inspect.Parameter.empty
-CONFIGS = ("importance", "prune", "search", "distill", "eval")  # stages with a typed config
+CONFIGS = ("importance", "prune", "search", "teacher-logits", "distill", "eval")  # typed configs
 _NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_SPLIT = "98,2,0"  # train,valid,test document fractions of a prepare-data prefix
 DTYPES = ("bfloat16", "float32")  # training / loading dtypes (eval also reads float16)
+RUN_DTYPE = "bfloat16"  # what distillation and teacher-logits run the models in
 KD_KINDS = ("forward", "reverse", "jsd")
 INTERMEDIATE = ("none", "cosine", "mse")
 HIDDEN_MATCH = ("kept", "projection")
@@ -180,23 +181,43 @@ class Grid:
 
 @dataclass(kw_only=True)
 class Models:
-    """Distillation's teacher and student (Pare Megatron checkpoints sharing one tokenizer), the
-    dtype both run in and the student's activation recompute."""
+    """Distillation's student and its teacher, which shares its tokenizer: a Pare Megatron
+    checkpoint run beside the student (``teacher_path``: online), or the teacher's top-k
+    log-probs ``pare teacher-logits`` stored (``teacher_logits``: offline, no teacher loaded), or
+    none (``alpha=1``: CE alone, as teacher correction trains); the dtype both run in and the
+    student's activation recompute."""
 
-    teacher_path: str
     student_path: str
-    dtype: str = "bfloat16"
+    teacher_path: str | None = None
+    teacher_logits: str | None = None
+    dtype: str = RUN_DTYPE
     recompute: str = "none"  # none | selective | full
 
-    def check(self):
-        """(teacher HF config, student HF config, student padded vocab)."""
+    def teacher(self, kd: KD) -> str | None:
+        """The teacher checkpoint to run beside the student, if the losses need one."""
+        return self.teacher_path if kd.alpha < 1 or kd.states else None
+
+    def check(self, kd: KD):
+        """(the teacher's HF config or None, the student's HF config, its padded vocab)."""
         from pare_nemo.checkpoint import check_same_tokenizer, read_model_config
 
         one_of("dtype", self.dtype, DTYPES)
         one_of("recompute", self.recompute, RECOMPUTE)
-        tc, _, _ = read_model_config(self.teacher_path)
+        need(not (self.teacher_path and self.teacher_logits),
+             "give teacher_path (the teacher runs beside the student) or teacher_logits (its "
+             "stored top k), not both")
+        if self.teacher_logits:
+            need(not kd.states, "intermediate and embedding losses compare hidden states: they "
+                                "need the teacher itself (teacher_path=), not its stored logits")
+        else:
+            need(self.teacher_path or kd.alpha == 1,
+                 "no teacher: give teacher_path= (or teacher_logits= from pare teacher-logits); "
+                 "only alpha=1 (CE alone) trains without one")
         sc, padded, _ = read_model_config(self.student_path)
-        check_same_tokenizer(self.teacher_path, self.student_path)
+        tc = None
+        if self.teacher_path:
+            tc, _, _ = read_model_config(self.teacher_path)
+            check_same_tokenizer(self.teacher_path, self.student_path)
         return tc, sc, padded
 
 
@@ -309,11 +330,12 @@ class Run:
     eval_samples: int = 64
     on_nan: str = "skip"  # skip | stop
     tensorboard: bool = True
+    wandb: str | None = None  # a Weights & Biases project (WANDB_MODE=offline: local files only)
 
     # what may change when a run is resumed (every other field of the config sets the curve)
     RESUMABLE: typing.ClassVar[tuple[str, ...]] = (
         "save_interval", "keep_last", "log_interval", "eval_interval", "eval_samples", "on_nan",
-        "tensorboard")
+        "tensorboard", "wandb")
 
     def check(self) -> None:
         one_of("on_nan", self.on_nan, ("skip", "stop"))
@@ -534,5 +556,34 @@ class EvalConfig(Config):
     overwrite: bool = False
 
 
+@dataclass(kw_only=True)
+class TeacherLogitsConfig(Config):
+    """pare teacher-logits: the teacher's top-k log-probs over the rows a distillation reads."""
+
+    teacher_path: str
+    output: str
+    data: Data  # the distillation's: the same prefixes, split, seed, document mask
+    batch: Batch = field(default_factory=Batch)  # the distillation's: train_steps x global batch
+    valid_samples: int = 0  # validation rows too: the distillation's eval_samples (eval_interval)
+    top_k: int = 64
+    temperature: float = 1.0  # of softmax(logits / T); distillation must use the same
+    logprob_dtype: str = "float16"  # float16 | float32: how the log-probs are stored
+    shard_rows: int = 256  # rows per file: a killed run redoes at most one file per DP rank
+    dtype: str = RUN_DTYPE
+    parallel: Parallel = field(default_factory=Parallel)
+    overwrite: bool = False
+
+    def check(self) -> None:
+        one_of("dtype", self.dtype, DTYPES)
+        one_of("logprob_dtype", self.logprob_dtype, ("float16", "float32"))
+        need(self.top_k >= 1 and self.temperature > 0 and self.valid_samples >= 0,
+             f"top_k={self.top_k} must be >= 1, temperature={self.temperature} > 0, "
+             f"valid_samples={self.valid_samples} >= 0")
+        mbs = self.batch.micro_batch_size
+        need(self.shard_rows >= 1 and self.shard_rows % mbs == 0 and self.valid_samples % mbs == 0,
+             f"shard_rows={self.shard_rows} and valid_samples={self.valid_samples} must be "
+             f"multiples of micro_batch_size={mbs}")
+
+
 STAGES = {"importance": ImportanceConfig, "prune": PruneConfig, "search": SearchConfig,
-          "distill": DistillConfig, "eval": EvalConfig}
+          "distill": DistillConfig, "eval": EvalConfig, "teacher-logits": TeacherLogitsConfig}

@@ -150,6 +150,8 @@ class Distiller:
 
     def __init__(self, student_chunk, teacher, student_config, teacher_config, pairing: Pairing,
                  vocab_size: int, kd: KD):
+        """``teacher``: this rank's teacher GPTModel, or None (offline: each micro-batch brings
+        the teacher's stored top k as its ``targets``; or CE alone, ``alpha=1``)."""
         from megatron.core import parallel_state as ps
         from megatron.core.utils import get_attr_wrapped_model
 
@@ -160,14 +162,16 @@ class Distiller:
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.first = ps.is_pipeline_first_stage()
         self.last = ps.is_pipeline_last_stage()
-        self.hs, self.ht = student_config.hidden_size, teacher_config.hidden_size
+        self.hs = student_config.hidden_size
+        self.ht = teacher_config.hidden_size if teacher is not None else 0
         self.hidden_index = None if pairing.hidden is None else torch.tensor(pairing.hidden)
         self.aux: dict[str, torch.Tensor] = {}  # per step: name -> [sum, count] (this rank)
 
         # which pairs live here, in local layer indices
         gpt_s = get_attr_wrapped_model(student_chunk, "decoder", return_model_obj=True)
         self.gpt_s = gpt_s
-        s_layers, t_layers = list(gpt_s.decoder.layers), list(teacher.decoder.layers)
+        s_layers = list(gpt_s.decoder.layers)
+        t_layers = list(teacher.decoder.layers) if teacher is not None else []
         s_off = s_layers[0].layer_number - 1 if s_layers else 0
         t_off = t_layers[0].layer_number - 1 if t_layers else 0
         self.pairs = [(i, j) for i, j in zip(pairing.student_layers, pairing.teacher_layers)
@@ -181,7 +185,7 @@ class Distiller:
             self._hooks.append(gpt_s.embedding.register_forward_hook(self._keep(("s", "emb"))))
             self._hooks.append(teacher.embedding.register_forward_hook(self._keep(("t", "emb"))))
         # the student's set_input_tensor splits [student | teacher] activations (pp > 1)
-        if self.pp > 1:
+        if self.pp > 1 and teacher is not None:
             original = gpt_s.set_input_tensor
 
             def set_input_tensor(input_tensor):
@@ -205,7 +209,8 @@ class Distiller:
             h.remove()
 
     def adjust_tensor_shapes(self, recv_shapes, send_shapes):
-        """megatron's ``adjust_tensor_shapes_fn``: stages exchange [s, b, h_s + h_t]."""
+        """megatron's ``adjust_tensor_shapes_fn``: stages exchange [s, b, h_s + h_t] (the
+        student's activations alone without a teacher)."""
         widen = lambda shapes: [(*s[:-1], self.hs + self.ht) for s in shapes]  # noqa: E731
         return widen(recv_shapes), widen(send_shapes)
 
@@ -222,13 +227,20 @@ class Distiller:
         self.aux[name] = self.aux.get(name, 0) + t
 
     def forward_step(self, data_iterator, model):
-        from pare_nemo.losses import kl_divergence, next_token_nll, state_distance
+        from pare_nemo.losses import (
+            kl_divergence,
+            kl_divergence_stored,
+            next_token_nll,
+            state_distance,
+        )
 
         kd = self.kd
         mb: MicroBatch = next(data_iterator)
         self._states.clear()
-        with torch.no_grad():
-            t_out = mb.run(self.teacher)
+        t_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = mb.run(self.teacher)
         s_out = mb.run(model)
 
         # intermediate terms of the pairs on this stage
@@ -249,16 +261,23 @@ class Distiller:
         self._states.clear()
 
         if not self.last:  # send [student | teacher] on; the local terms join backward here
-            out = torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1)
+            out = s_out if t_out is None else torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1)
             return (_AttachLoss.apply(out, aux) if terms else out), _no_loss
 
         def loss_func(logits):
-            per_token = kl_divergence(logits, t_out, self.vocab, kind=kd.kd, beta=kd.beta,
-                                      temperature=kd.temperature, top_k=kd.top_k,
-                                      tp_group=self.tp_group)
-            kd_sum = (per_token * mb.mask).sum() * kd.temperature**2
-            reports = {"kd": torch.stack([kd_sum.detach(), n.float()])}
-            loss = (1 - kd.alpha) * kd_sum if kd.alpha else kd_sum
+            opts = dict(kind=kd.kd, beta=kd.beta, temperature=kd.temperature,
+                        tp_group=self.tp_group)
+            reports, loss = {}, logits.new_zeros((), dtype=torch.float32)
+            if t_out is not None:
+                per_token = kl_divergence(logits, t_out, self.vocab, top_k=kd.top_k, **opts)
+            elif mb.targets is not None:  # offline: the teacher's stored top k
+                t = mb.targets
+                per_token = kl_divergence_stored(logits, t["ids"].long(), t["logprobs"],
+                                                 t["log_rest"], self.vocab, **opts)
+            if t_out is not None or mb.targets is not None:
+                kd_sum = (per_token * mb.mask).sum() * kd.temperature**2
+                reports["kd"] = torch.stack([kd_sum.detach(), n.float()])
+                loss = (1 - kd.alpha) * kd_sum if kd.alpha else kd_sum
             if kd.alpha or not torch.is_grad_enabled():  # validation reports the LM loss too
                 ce, count = next_token_nll(logits, mb.tokens, mb.mask, self.vocab, self.tp_group)
                 reports["ce"] = torch.stack([ce.detach(), count.float()])
@@ -360,12 +379,13 @@ def add_projections(student, pairing: Pairing, hs: int, ht: int, embedding: bool
 class Checked:
     """What ``check`` learned before any work."""
 
-    teacher: object  # the teacher's HF config
+    teacher: object | None  # the teacher's HF config (None: no teacher checkpoint)
     student: object  # the student's HF config
     padded_vocab: int  # the student's padded vocabulary size
     pairs: Pairing
     dp: int  # data-parallel size
     resume: bool  # save_path holds this run's checkpoints
+    stored: object | None  # the teacher's stored top k (teacher_logits=)
 
 
 def check(cfg: DistillConfig) -> Checked:
@@ -375,16 +395,37 @@ def check(cfg: DistillConfig) -> Checked:
     cfg.kd.check()
     cfg.run.check()
     cfg.optimizer.check(cfg.batch.train_steps)
-    tc, sc, padded = cfg.models.check()
+    tc, sc, padded = cfg.models.check(cfg.kd)
+    online = cfg.models.teacher(cfg.kd) is not None
     need(cfg.models.recompute != "full" or not cfg.kd.states,
          "recompute=full reruns whole layers in backward, so intermediate states have no graph: "
          "use recompute=selective with intermediate losses")
-    dp = cfg.parallel.check(tc, sc, uneven=True)
-    cfg.batch.check(tc, sc, dp=dp)
-    pairs = pairing(sc, tc, load_plan(cfg.models.student_path), cfg.kd)
-    check_pairs_on_stages(pairs, sc.num_hidden_layers, tc.num_hidden_layers, cfg.parallel.pp)
-    cfg.data.check(cfg.models.teacher_path)
-    return Checked(tc, sc, padded, pairs, dp, rundir.check_save_path(cfg))
+    dp = cfg.parallel.check(*((tc, sc) if online else (sc,)), uneven=True)
+    cfg.batch.check(*((tc, sc) if online else (sc,)), dp=dp)
+    pairs = Pairing([], [], None)
+    if online:
+        pairs = pairing(sc, tc, load_plan(cfg.models.student_path), cfg.kd)
+        check_pairs_on_stages(pairs, sc.num_hidden_layers, tc.num_hidden_layers, cfg.parallel.pp)
+    cfg.data.check(cfg.models.student_path)
+    stored = check_stored(cfg) if cfg.models.teacher_logits else None
+    return Checked(tc if online else None, sc, padded, pairs, dp, rundir.check_save_path(cfg),
+                   stored)
+
+
+def check_stored(cfg: DistillConfig):
+    """The teacher's stored top k (``teacher_logits=``), made for this run's rows, k and T."""
+    from pare_nemo.teacher_logits import StoredLogits, _tokenizer_sha256
+
+    stored = StoredLogits(cfg.models.teacher_logits)
+    need(cfg.kd.top_k in (None, stored.top_k),
+         f"top_k={cfg.kd.top_k}, but teacher_logits={stored.path} stored the top "
+         f"{stored.top_k} (omit top_k: offline distillation uses the stored k)")
+    need(cfg.kd.temperature == stored.temperature,
+         f"temperature={cfg.kd.temperature}, but the stored log-probs are at temperature "
+         f"{stored.temperature}: store them again at this temperature")
+    eval_samples = cfg.run.eval_samples if cfg.run.eval_interval else 0
+    stored.check(cfg.data, cfg.batch, eval_samples, _tokenizer_sha256(cfg.models.student_path))
+    return stored
 
 
 def distill(cfg: DistillConfig | None = None, **flat) -> str:
@@ -413,17 +454,19 @@ class Distillation:
         from pare_nemo.metrics import Metrics, flops_per_token
 
         self.cfg, m, S = cfg, cfg.models, cfg.batch.seq_length
-        self.rank0, self.dp = dist.get_rank() == 0, checked.dp
+        self.rank0, self.dp, self.stored = dist.get_rank() == 0, checked.dp, checked.stored
         self.eos = eos_token_id(m.student_path)
         self.train_set, self.valid_set = self.datasets()
         torch.manual_seed(cfg.data.seed)
         dtype = getattr(torch, m.dtype)
         student, _ = load_model(m.student_path, parallel_output=True, dtype=dtype,
                                 uneven_pipeline=True, **self.overrides(student=True))
-        teacher, _ = load_model(m.teacher_path, parallel_output=True, dtype=dtype,
-                                uneven_pipeline=True, **self.overrides(student=False))
-        teacher.eval()
-        teacher.requires_grad_(False)
+        teacher = None
+        if checked.teacher is not None:
+            teacher, _ = load_model(m.teacher_path, parallel_output=True, dtype=dtype,
+                                    uneven_pipeline=True, **self.overrides(student=False))
+            teacher.eval()
+            teacher.requires_grad_(False)
         if cfg.kd.hidden_match == "projection":
             add_projections(student, checked.pairs, checked.student.hidden_size,
                             checked.teacher.hidden_size, bool(cfg.kd.embedding_weight))
@@ -439,9 +482,11 @@ class Distillation:
         self.step = state["iteration"] if state else 0
         self.consumed = state["consumed_samples"] if state else 0
         self.distiller.scales = dict(state.get("balance_scales", {})) if state else {}
-        flops = flops_per_token(checked.student, S) * 3 + flops_per_token(checked.teacher, S)
+        flops = flops_per_token(checked.student, S) * 3 + (
+            flops_per_token(checked.teacher, S) if teacher is not None else 0)
         self.metrics = Metrics(Path(cfg.run.save_path), self.step, cfg.batch.train_steps,
-                               self.rank0, cfg.run.tensorboard, flops, dist.get_world_size())
+                               self.rank0, cfg.run.tensorboard, flops, dist.get_world_size(),
+                               wandb=cfg.run.wandb, config=cfg.to_dict())
         if state:
             self.metrics.say(f"resuming {cfg.run.save_path} at step {self.step} "
                              f"({self.consumed} samples consumed)")
@@ -488,17 +533,26 @@ class Distillation:
         return bool(interval) and (self.step % interval == 0
                                    or self.step == self.cfg.batch.train_steps)
 
-    def batches(self, dataset, start: int, rows: int) -> list[MicroBatch]:
-        """This DP rank's micro-batches of the rows [start, start + rows) of ``dataset``."""
+    def batches(self, dataset, start: int, rows: int, part: str = "train") -> list[MicroBatch]:
+        """This DP rank's micro-batches of the rows [start, start + rows) of ``dataset`` (with
+        the teacher's stored top k for them, offline)."""
         from megatron.core import parallel_state as ps
 
         from pare_nemo.data import batch_at
         from pare_nemo.engine import micro_batches
         from pare_nemo.olmo3.model import document_ids
 
-        b = batch_at(dataset, start, rows, ps.get_data_parallel_rank(), self.dp)
+        rank = ps.get_data_parallel_rank()
+        b = batch_at(dataset, start, rows, rank, self.dp)
         docs = document_ids(b.tokens, self.eos) if self.cfg.data.document_mask else None
-        return micro_batches(b.tokens, b.mask, self.cfg.batch.micro_batch_size, docs)
+        targets = None
+        if self.stored is not None:
+            n = len(b.tokens)
+            targets = self.stored.rows(part, start + rank * n, n)
+            need(torch.equal(targets.pop("tokens").long(), b.tokens),
+                 f"the stored teacher logits' rows {start + rank * n}.. of {part} hold other "
+                 "tokens than this run's data (the data files changed since they were stored?)")
+        return micro_batches(b.tokens, b.mask, self.cfg.batch.micro_batch_size, docs, targets)
 
     def row(self, result, terms: dict) -> dict:
         """The step's metrics row (``metrics.jsonl``, TensorBoard, the log line)."""
@@ -513,8 +567,8 @@ class Distillation:
         return row
 
     def validate(self) -> dict:
-        return self.distiller.validate(self.chunks, self.batches(self.valid_set, 0,
-                                                                  self.cfg.run.eval_samples))
+        return self.distiller.validate(
+            self.chunks, self.batches(self.valid_set, 0, self.cfg.run.eval_samples, "valid"))
 
     def save(self) -> None:
         from pare_nemo.checkpoint import save_training_checkpoint

@@ -47,12 +47,14 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal; run me again to re
 class MicroBatch:
     """What one forward step of a GPTModel reads: ``tokens``, ``mask`` (real tokens) [b, s],
     ``document_ids`` [b, s] or None (packed rows: each token attends only to its own document,
-    RoPE positions restart per document; the model's ``attention_mask``) and ``position_ids``."""
+    RoPE positions restart per document; the model's ``attention_mask``), ``position_ids`` and
+    optional ``targets``."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
     document_ids: torch.Tensor | None
     position_ids: torch.Tensor
+    targets: dict | None = None  # what a loss reads beside the tokens (stored teacher top k)
 
     def run(self, model):
         """``model``'s output (vocab-parallel logits on the last stage, activations elsewhere)."""
@@ -61,9 +63,10 @@ class MicroBatch:
 
 
 def micro_batches(tokens: torch.Tensor, mask: torch.Tensor | None = None,
-                  micro_batch_size: int = 1,
-                  document_ids: torch.Tensor | None = None) -> list[MicroBatch]:
-    """Rows [N, S] (and their mask, document ids) cut into micro-batches on this rank's device."""
+                  micro_batch_size: int = 1, document_ids: torch.Tensor | None = None,
+                  targets: dict | None = None) -> list[MicroBatch]:
+    """Rows [N, S] (and their mask, document ids, ``targets``: tensors with a row per token row)
+    cut into micro-batches on this rank's device."""
     n, s = tokens.shape
     if n % micro_batch_size:
         raise ValueError(f"{n} rows not divisible by micro_batch_size {micro_batch_size}")
@@ -76,7 +79,8 @@ def micro_batches(tokens: torch.Tensor, mask: torch.Tensor | None = None,
     positions = torch.arange(s, device=dev).expand(micro_batch_size, s)
     rows = [slice(i, i + micro_batch_size) for i in range(0, n, micro_batch_size)]
     return [MicroBatch(tokens[r].to(dev), mask[r].to(dev),
-                       None if document_ids is None else document_ids[r].to(dev), positions)
+                       None if document_ids is None else document_ids[r].to(dev), positions,
+                       None if targets is None else {k: v[r].to(dev) for k, v in targets.items()})
             for r in rows]
 
 

@@ -1,5 +1,6 @@
 """What a training run shows and keeps: a progress bar, a log line every ``log_interval`` steps,
-throughput and MFU, ``metrics.jsonl``, TensorBoard events and ``loss_curve.png``."""
+throughput and MFU, ``metrics.jsonl``, TensorBoard events, Weights & Biases (optional) and
+``loss_curve.png``."""
 
 from __future__ import annotations
 
@@ -62,11 +63,12 @@ class Metrics:
     token), ``loss_curve.png`` at the end."""
 
     def __init__(self, save: Path, step: int, total_steps: int, rank0: bool, tensorboard: bool,
-                 flops_per_token: float, world_size: int, name: str = "distill"):
+                 flops_per_token: float, world_size: int, name: str = "distill",
+                 wandb: str | None = None, config: dict | None = None):
         from tqdm import tqdm
 
         self.rank0, self.file = rank0, Path(save) / METRICS_FILE
-        self.rows, self.pending, self.writer = [], [], None
+        self.rows, self.pending, self.writer, self.wandb = [], [], None, None
         self.flops, self.world = flops_per_token, world_size
         self.t_last, self.tokens_since = time.perf_counter(), 0
         self.bar = tqdm(total=total_steps, initial=step, desc=name, unit="step",
@@ -85,6 +87,8 @@ class Metrics:
                                             purge_step=step + 1)
             except ImportError:
                 print("tensorboard is not installed: no TensorBoard events", flush=True)
+        if wandb:
+            self.wandb = _wandb_run(Path(save), wandb, config)
 
     def step_started(self):
         if torch.cuda.is_available():
@@ -119,11 +123,14 @@ class Metrics:
             return
         self.rows.append(row)
         self.pending.append(row)
+        scalars = {k.replace(" ", "_"): v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+                   and math.isfinite(v)}
         if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" \
-                        and v is not None and math.isfinite(v):
-                    self.writer.add_scalar(k.replace(" ", "_"), v, row["step"])
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
 
     def _write(self, rows, mode):
         with open(self.file, mode) as f:
@@ -145,8 +152,24 @@ class Metrics:
             return
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if plot and self.rows:
             plot_losses(self.rows, self.file.parent / LOSS_CURVE)
+
+
+def _wandb_run(save: Path, project: str, config: dict | None):
+    """The run's Weights & Biases run, files in ``<save>/wandb``; a resumed run continues the
+    same W&B run (its id comes from the run directory). ``WANDB_MODE=offline`` keeps it local
+    (``wandb sync`` uploads it later)."""
+    import hashlib
+
+    import wandb
+
+    run_id = hashlib.sha256(str(save.resolve()).encode()).hexdigest()[:16]
+    (save / "wandb").mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, name=save.name, id=run_id, resume="allow",
+                      dir=str(save), config=config)
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

@@ -28,6 +28,7 @@ from pare_nemo.config import (
     Rows,
     Run,
     Targets,
+    TeacherLogitsConfig,
     Text,
 )
 
@@ -158,8 +159,45 @@ def tiny_distill(workdir: str = "pare_demo") -> DistillConfig:
         optimizer=Optimizer(lr=3e-3, min_lr=3e-4, warmup_steps=5))
 
 
+def olmo3_7b_teacher_correction() -> DistillConfig:
+    """Teacher correction (arXiv 2408.11796): fine-tune the teacher briefly on the distillation
+    blend with CE alone (alpha=1: the same loop, no teacher beside it) before distilling from it;
+    1000 steps (6.3B tokens), LR 1e-5 -> 1e-6 (a choice, not measured at 7B; the paper used ~127B
+    tokens). Distill from the result with teacher_path=checkpoints/olmo3-7b-instruct-corrected."""
+    return DistillConfig(
+        models=Models(student_path=TEACHER, recompute="selective"),
+        data=Data(data=OLMO3_DISTILL_DATA),
+        run=Run(save_path=f"{TEACHER}-corrected", save_interval=200, eval_interval=200),
+        batch=Batch(train_steps=1000), optimizer=Optimizer(lr=1e-5, min_lr=1e-6),
+        kd=KD(alpha=1.0), parallel=Parallel(tp=2))
+
+
 DISTILL_RECIPES = (olmo3_7b_distill_width, olmo3_7b_distill_depth, olmo3_7b_distill_combined,
-                   tiny_distill)
+                   olmo3_7b_teacher_correction, tiny_distill)
+
+
+# ---------------------------------------------------------------- offline teacher logits
+
+
+def _teacher_logits_for(d: DistillConfig, output: str, top_k: int) -> TeacherLogitsConfig:
+    """Store the teacher's top k for exactly the rows the distillation ``d`` reads (its data,
+    split, seed, rows and validation rows), at its temperature."""
+    return TeacherLogitsConfig(
+        teacher_path=d.models.teacher_path, output=output, data=d.data, batch=d.batch,
+        valid_samples=d.run.eval_samples if d.run.eval_interval else 0, top_k=top_k,
+        temperature=d.kd.temperature, dtype=d.models.dtype)
+
+
+def olmo3_7b_teacher_logits() -> TeacherLogitsConfig:
+    """Olmo 3 7B's top 32 (fp16: 200 bytes per token) over the rows olmo3_7b_distill_width reads,
+    for offline distillation (pare distill recipe=olmo3_7b_distill_width teacher_path=none
+    teacher_logits=data/olmo3-7b-top32). Forward only: TP=1, DP=8 on one node."""
+    return _teacher_logits_for(olmo3_7b_distill_width(), "data/olmo3-7b-top32", top_k=32)
+
+
+def tiny_teacher_logits(workdir: str = "pare_demo") -> TeacherLogitsConfig:
+    """The demo teacher's top 32 over the rows tiny_distill reads."""
+    return _teacher_logits_for(tiny_distill(workdir), f"{workdir}/teacher_top32", top_k=32)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,5 +1,6 @@
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,47 @@ def trained(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(root / "hf")
     mg = import_hf(str(root / "hf"), str(root / "mg"))
     return {"hf": root / "hf", "mg": mg, "held": held, "root": root}
+
+
+@pytest.fixture(scope="session")
+def distill_env(trained, tmp_path_factory):
+    """Teacher, width-pruned and depth-pruned students, a random-init student of the width
+    student's shape, the prepared data and held-out tokens."""
+    from transformers import AutoTokenizer, Olmo3ForCausalLM
+
+    from conversion.convert import import_hf
+    from pare_nemo.checkpoint import read_model_config
+    from pare_nemo.data import prepare_data
+    from pare_nemo.importance import importance
+    from pare_nemo.prune import prune
+    from pare_nemo.tiny import pydoc_text
+
+    root = tmp_path_factory.mktemp("distill")
+    teacher = str(trained["mg"])
+    importance(megatron_path=teacher, data="pydoc", scores_path=str(root / "scores.pt"),
+               num_samples=64, seq_length=64, micro_batch_size=8, layer_loss_samples=16,
+               report=False)
+    width = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                  save_path=str(root / "width"), target_ffn_hidden_size=128, target_hidden_size=48)
+    depth = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                  save_path=str(root / "depth"), target_num_layers=2)
+    depth3 = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
+                   save_path=str(root / "depth3"), target_num_layers=3)
+    docs = pydoc_text().split("\n\n\n")
+    (root / "train.txt").write_text("\n\n\n".join(docs[:-20]))
+    prepare_data(str(root / "train.txt"), str(Path(teacher) / "tokenizer"), str(root / "data"))
+    tok = AutoTokenizer.from_pretrained(Path(teacher) / "tokenizer")
+    ids = tok("\n\n\n".join(docs[-20:])).input_ids
+    held = torch.tensor(ids[: len(ids) // 64 * 64]).reshape(-1, 64)[:64]
+    # the width student's architecture from random init (transformers' init), as a checkpoint
+    cfg, _, _ = read_model_config(width)
+    torch.manual_seed(0)
+    Olmo3ForCausalLM(cfg).save_pretrained(root / "scratch_hf")
+    tok.save_pretrained(root / "scratch_hf")
+    scratch = import_hf(str(root / "scratch_hf"), str(root / "scratch"))
+    return dict(root=root, teacher=teacher, width=width, depth=depth, depth3=depth3,
+                data=str(root / "data"),
+                held=held, scratch=scratch)
 
 
 @pytest.fixture(autouse=True)

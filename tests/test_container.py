@@ -178,6 +178,15 @@ def test_slurm_without_container_runs_in_the_current_environment(tmp_path):
     assert env["HF_HOME"] == f"{work}/.cache/huggingface" and Path(env["HF_HOME"]).is_dir()
 
 
+def test_teacher_logits_script_passes_the_recipe_and_the_paths_set(tmp_path):
+    p, args, _ = run_script(tmp_path, "teacher_logits.sh", {
+        "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "GPUS_PER_NODE": "0",
+        "OUTPUT": "/data/top32"}, "top_k=16")
+    assert p.returncode == 0, p.stderr
+    assert args[-4:] == ["teacher-logits", "recipe=olmo3_7b_teacher_logits", "output=/data/top32",
+                         "top_k=16"]
+
+
 def test_slurm_with_container_uses_pyxis(tmp_path):
     hf = tmp_path / "hf"
     p, args, env = run_script(tmp_path, "prune.sh", {

@@ -23,44 +23,10 @@ RUN = dict(global_batch_size=16, micro_batch_size=8, seq_length=64, lr=3e-3, min
 
 
 @pytest.fixture(scope="module")
-def env(trained, tmp_path_factory):
-    """Teacher, width-pruned and depth-pruned students, a random-init student of the width
-    student's shape, the prepared data and held-out tokens."""
-    from transformers import AutoTokenizer, Olmo3ForCausalLM
-
-    from conversion.convert import import_hf
-    from pare_nemo.checkpoint import read_model_config
-    from pare_nemo.data import prepare_data
-    from pare_nemo.importance import importance
-    from pare_nemo.prune import prune
-    from pare_nemo.tiny import pydoc_text
-
-    root = tmp_path_factory.mktemp("distill")
-    teacher = str(trained["mg"])
-    importance(megatron_path=teacher, data="pydoc", scores_path=str(root / "scores.pt"),
-               num_samples=64, seq_length=64, micro_batch_size=8, layer_loss_samples=16,
-               report=False)
-    width = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
-                  save_path=str(root / "width"), target_ffn_hidden_size=128, target_hidden_size=48)
-    depth = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
-                  save_path=str(root / "depth"), target_num_layers=2)
-    depth3 = prune(megatron_path=teacher, scores_path=str(root / "scores.pt"),
-                   save_path=str(root / "depth3"), target_num_layers=3)
-    docs = pydoc_text().split("\n\n\n")
-    (root / "train.txt").write_text("\n\n\n".join(docs[:-20]))
-    prepare_data(str(root / "train.txt"), str(Path(teacher) / "tokenizer"), str(root / "data"))
-    tok = AutoTokenizer.from_pretrained(Path(teacher) / "tokenizer")
-    ids = tok("\n\n\n".join(docs[-20:])).input_ids
-    held = torch.tensor(ids[: len(ids) // 64 * 64]).reshape(-1, 64)[:64]
-    # the width student's architecture from random init (transformers' init), as a checkpoint
-    cfg, _, _ = read_model_config(width)
-    torch.manual_seed(0)
-    Olmo3ForCausalLM(cfg).save_pretrained(root / "scratch_hf")
-    tok.save_pretrained(root / "scratch_hf")
-    scratch = import_hf(str(root / "scratch_hf"), str(root / "scratch"))
-    return dict(root=root, teacher=teacher, width=width, depth=depth, depth3=depth3,
-                data=str(root / "data"),
-                held=held, scratch=scratch)
+def env(distill_env):
+    """Teacher, width- and depth-pruned students, a random-init student, data and held-out tokens
+    (conftest.py's ``distill_env``, shared with tests/test_teacher_logits.py)."""
+    return distill_env
 
 
 def held_out_loss(checkpoint, tokens) -> float:
@@ -333,3 +299,43 @@ def test_bad_save_path_and_tokenizer_mismatch(env, tmp_path):
     (bad / "model_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="vocabulary"):
         check_same_tokenizer(env["teacher"], bad)
+
+
+def test_wandb_offline_run_holds_the_loss(env, tmp_path, monkeypatch):
+    """wandb=<project> beside TensorBoard: with WANDB_MODE=offline (no network) the run's W&B
+    file in <save_path>/wandb holds every step's loss (read back record by record)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save = run_distill(env, tmp_path / "wb", train_steps=3, save_interval=3, wandb="pare-test")
+    (run_file,) = list((Path(save) / "wandb").glob("offline-run-*/*.wandb"))
+    logged = []
+    for r in _wandb_records(run_file.read_bytes()):
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in r.history.item}
+            logged.append((items["_step"], items["loss"]))
+    assert logged == [(r["step"], r["loss"]) for r in metrics(save)]
+
+
+def _wandb_records(data: bytes):
+    """The protobuf records of a W&B run file (a 7-byte header, then LevelDB-log blocks of 32 KiB:
+    records of crc32, length, type (full / first / middle / last) and bytes)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    assert data[:4] == b":W&B"
+    pos, block, part = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # the block's padding
+            pos += left
+            continue
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            yield record
+            part = b""

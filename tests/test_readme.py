@@ -56,6 +56,9 @@ SUBSTITUTIONS = {
     "budget=4.5e9": "budget={budget}",
     "layers=[24,28,32]": "layers=[3,4]",
     "recipe=olmo3_7b_distill_width": "recipe=tiny_distill train_steps=10",
+    "recipe=olmo3_7b_teacher_logits": "recipe=tiny_teacher_logits train_steps=10",
+    "recipe=olmo3_7b_teacher_correction":
+        "recipe=tiny_distill train_steps=10 alpha=1 teacher_path=none",
     "num_workers=8": "num_workers=2",
     "num_samples=256": "num_samples=8",
     # lm-eval's tasks need the Hub: Pare's local task, a few documents, short generations
@@ -89,7 +92,8 @@ NOT_RUNNABLE = {
 
 # the output each stage writes, checked to exist after its line ran
 OUTPUT = {"import": "megatron_path", "export": "hf_path", "importance": "scores_path",
-          "prune": "save_path", "distill": "save_path", "eval": "output"}
+          "prune": "save_path", "distill": "save_path", "eval": "output",
+          "teacher-logits": "output"}
 
 
 # --- the README's command lines ---
