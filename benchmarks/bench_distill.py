@@ -12,10 +12,9 @@ is an LM (cross-entropy) step, which costs about what the KL costs on the same l
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 SMOKE = bool(os.environ.get("PARE_BENCH_SMOKE"))
 
@@ -84,17 +83,7 @@ def main():
             run_step(chunks, opt, sched, mbatches, distiller.forward_step)
 
         def timed(fn):
-            fn()
-            out = []
-            for _ in range(steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                out.append(time.perf_counter() - t)
-            return statistics.median(out)
+            return median_seconds(fn, steps)
 
         t_teacher, t_student, t_distill = timed(teacher_forward), timed(student_step), \
             timed(distill_step)

@@ -12,12 +12,11 @@ several repeats after warm-up. Prints the ratio (stored / plain forward) for eac
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 SMOKE = bool(os.environ.get("PARE_BENCH_SMOKE"))
 
@@ -72,17 +71,7 @@ def main():
                       str(out_dir / f"shard-{k}.safetensors"))
 
         def timed(fn):
-            fn()
-            out = []
-            for _ in range(repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                out.append(time.perf_counter() - t)
-            return statistics.median(out)
+            return median_seconds(fn, repeats)
 
         t_plain = timed(plain)
         print(f"teacher {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, vocab "

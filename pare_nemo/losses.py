@@ -297,12 +297,18 @@ def _new_grad(logits, lay, need_grad):
     return grad
 
 
-def _ce_chunks(logits, labels, lay, need_grad):
-    x2, y = logits.reshape(-1, lay["v_local"]), labels.reshape(-1)
-    nv, chunk = lay["real"], lay["chunk"]
+def _outputs(logits, lay, need_grad):
+    """(logits as [N, V_local], the per-token loss [N] to fill, the stored gradient (None without
+    one) and its [N, V_local] view)."""
+    x2 = logits.reshape(-1, lay["v_local"])
     loss = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     grad = _new_grad(logits, lay, need_grad)
-    g2 = None if grad is None else grad.view(-1, lay["v_local"])
+    return x2, loss, grad, None if grad is None else grad.view(-1, lay["v_local"])
+
+
+def _ce_chunks(logits, labels, lay, need_grad):
+    x2, loss, grad, g2 = _outputs(logits, lay, need_grad)
+    y, nv, chunk = labels.reshape(-1), lay["real"], lay["chunk"]
     for r0 in range(0, x2.shape[0], chunk):
         x = x2[r0:r0 + chunk, :nv]
         lab = y[r0:r0 + chunk] - lay["start"]
@@ -428,13 +434,10 @@ def _teacher_columns(teacher, lay, r0, c, nv, T, k, xs):
 def _kl_chunks(student, teacher, lay, opts, need_grad):
     """``teacher``: logits like ``student``, or the stored top k ``(ids, logprobs, log_rest)``."""
     kind, beta, T, k = opts
-    s2 = student.reshape(-1, lay["v_local"])
+    s2, loss, grad, g2 = _outputs(student, lay, need_grad)
     if not isinstance(teacher, tuple):
         teacher = teacher.reshape(-1, lay["v_local"])
     nv, chunk = lay["real"], lay["chunk"]
-    loss = torch.empty(s2.shape[0], dtype=torch.float32, device=s2.device)
-    grad = _new_grad(student, lay, need_grad)
-    g2 = None if grad is None else grad.view(-1, lay["v_local"])
     for r0 in range(0, s2.shape[0], chunk):
         xs = s2[r0:r0 + chunk, :nv]
         A, B, sel, lq_r, lp_r = _teacher_columns(teacher, lay, r0, xs.shape[0], nv, T, k, xs)

@@ -89,7 +89,12 @@ def test_kill_then_rerun_gives_byte_identical_shards(distill_env, tmp_path):
         return [sys.executable, "-m", "pare_nemo.cli", "teacher-logits", f"output={out}", *args]
 
     penv = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd(tmp_path / "full"), check=True, env=penv, capture_output=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the uninterrupted run here, with the subprocesses' arithmetic
+    try:
+        store(env, tmp_path / "full", train_steps=12, top_k=16, shard_rows=16)
+    finally:
+        torch.set_num_threads(threads)
     out, partial = tmp_path / "killed", tmp_path / "killed.partial"
     p = subprocess.Popen(cmd(out), env=penv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while len(list(partial.glob("train-*.safetensors"))) < 3 and p.poll() is None:
@@ -108,11 +113,10 @@ def test_kill_then_rerun_gives_byte_identical_shards(distill_env, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2"])
-def test_parallel_layouts_write_dp1s_shards(distill_env, tmp_path, layout):
+def test_parallel_layouts_write_dp1s_shards(distill_env, tmp_path):
     """On 2 processes: DP=2 (each replica writes its own shards, round-robin), TP=2 (vocab-parallel
     top k) and PP=2 (the last stage writes) store what one process stores: the same top-k ids,
-    log-probs to fp32 rounding."""
+    log-probs to fp32 rounding. (One spawn runs the three layouts in turn.)"""
     from safetensors.torch import load_file
 
     from tests.dist_workers import spawn
@@ -121,15 +125,17 @@ def test_parallel_layouts_write_dp1s_shards(distill_env, tmp_path, layout):
     kw = dict(ROWS, train_steps=4, teacher_path=env["teacher"], data=env["data"], top_k=8,
               shard_rows=16, logprob_dtype="float32", dtype="float32")
     ref = store(env, tmp_path / "ref", **kw)
-    tp, pp = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}[layout]
-    spawn(_store_worker, 2, dict(kw, output=str(tmp_path / layout), tp=tp, pp=pp), tmp=tmp_path)
+    layouts = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+    spawn(_store_worker, 2, [dict(kw, output=str(tmp_path / name), tp=tp, pp=pp)
+                             for name, (tp, pp) in layouts.items()], tmp=tmp_path)
     names = sorted(f.name for f in Path(ref).glob("*.safetensors"))
-    assert names == sorted(f.name for f in (tmp_path / layout).glob("*.safetensors"))
-    for name in names:
-        a, b = load_file(Path(ref) / name), load_file(tmp_path / layout / name)
-        assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["tokens"], b["tokens"])
-        assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5)
-        assert torch.allclose(a["log_rest"], b["log_rest"], atol=1e-5)
+    for layout in layouts:
+        assert names == sorted(f.name for f in (tmp_path / layout).glob("*.safetensors"))
+        for name in names:
+            a, b = load_file(Path(ref) / name), load_file(tmp_path / layout / name)
+            assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["tokens"], b["tokens"])
+            assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-5), layout
+            assert torch.allclose(a["log_rest"], b["log_rest"], atol=1e-5), layout
 
 
 def test_offline_run_resumes_on_the_same_curve(distill_env, tmp_path):
@@ -148,10 +154,14 @@ def test_offline_run_resumes_on_the_same_curve(distill_env, tmp_path):
                                                                for r in first]
 
 
-def _store_worker(kwargs):
+def _store_worker(runs: list[dict]):
+    """Each run in turn in one process group (each stage sets up its own TP/PP groups in it)."""
+    from pare_nemo.parallel import init_distributed
     from pare_nemo.teacher_logits import teacher_logits
 
-    teacher_logits(**kwargs)
+    init_distributed(1, 1)
+    for kwargs in runs:
+        teacher_logits(**kwargs)
 
 
 def test_refusals(distill_env, tmp_path):
