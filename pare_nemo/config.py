@@ -553,6 +553,9 @@ class EvalConfig(Config):
     document_mask: bool = True
     dtype: str | None = None  # None: each checkpoint's own
     seed: int = 1234
+    # the loss by position in the document, in buckets of this many tokens, on documents longer
+    # than one bucket; None: the checkpoints' smallest sliding window; 0: not measured
+    position_bucket: int | None = None
     overwrite: bool = False
 
 

@@ -148,13 +148,13 @@ def reduce_reports(reports: list) -> dict:
 
 def run_forward(model, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                 micro_batch_size: int = 1, step_fn=None, progress=None,
-                document_ids: torch.Tensor | None = None) -> list:
+                document_ids: torch.Tensor | None = None, targets: dict | None = None) -> list:
     """Forward ``tokens`` [N, S] through a (possibly pipeline-parallel) GPTModel with megatron's
     forward-only schedule, ``2 x PP`` micro-batches at a time. ``step_fn(micro_batch)`` is called
     on every stage just before that stage runs a micro-batch and may return a loss function (then
     its reported dicts are returned) or None (then the model outputs are). Returns the last
     stage's results (empty on other stages); ``progress.update(n)`` is called after each chunk.
-    ``document_ids`` [N, S]: see :class:`MicroBatch`."""
+    ``document_ids`` [N, S], ``targets``: see :class:`MicroBatch`."""
     from megatron.core import parallel_state as ps
 
     n = tokens.shape[0]
@@ -173,7 +173,9 @@ def run_forward(model, tokens: torch.Tensor, mask: torch.Tensor | None = None,
         part = slice(start, start + per_call)
         batches = micro_batches(tokens[part], None if mask is None else mask[part],
                                 micro_batch_size,
-                                None if document_ids is None else document_ids[part])
+                                None if document_ids is None else document_ids[part],
+                                None if targets is None else {k: v[part]
+                                                              for k, v in targets.items()})
         with torch.no_grad():
             outputs += schedule([model], forward_step, batches, forward_only=True)
         if progress is not None:
@@ -197,24 +199,40 @@ def forward_loss(model, tokens: torch.Tensor, mask: torch.Tensor | None, micro_b
     """(summed next-token NLL, predicted tokens) of ``model`` (built with ``parallel_output=True``)
     over this rank's rows, summed over the data-parallel ranks: the same on every rank. The loss
     is :func:`pare_nemo.losses.next_token_nll`, accumulated in fp64."""
+    total = forward_loss_sums(model, tokens, mask, micro_batch_size, vocab_size, document_ids)
+    return total[0, 0].item(), int(total[0, 1].item())
+
+
+def forward_loss_sums(model, tokens: torch.Tensor, mask: torch.Tensor | None,
+                      micro_batch_size: int, vocab_size: int,
+                      document_ids: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                      num_groups: int = 0) -> torch.Tensor:
+    """[1 + num_groups, 2] fp64 (summed next-token NLL, predicted tokens) of :func:`forward_loss`:
+    over all positions, then over each group's. ``groups`` [N, S] gives the group of the loss at
+    each position (-1: none), e.g. a position bucket. The same on every rank."""
     from megatron.core import parallel_state as ps
 
-    from pare_nemo.losses import next_token_nll
+    from pare_nemo.losses import grouped_sums, next_token_losses
 
     tp_group = ps.get_tensor_model_parallel_group()
+    dev = device()
 
     def step(mb):
         def loss_func(logits):  # vocab-parallel logits on the last stage
-            s, n = next_token_nll(logits, mb.tokens, mb.mask, vocab_size, tp_group)
-            return s, {"nll": s.detach().double(), "n": n.double()}
+            per_token, keep = next_token_losses(logits, mb.tokens, mb.mask, vocab_size, tp_group)
+            groups_here = mb.targets["groups"] if num_groups else None
+            sums = grouped_sums(per_token.detach(), keep, groups_here, num_groups)
+            s = (per_token * keep).sum()
+            return s, {"sums": sums}
         return loss_func
 
-    outs = run_forward(model, tokens, mask, micro_batch_size, step, document_ids=document_ids)
-    total = torch.zeros(2, dtype=torch.float64, device=device())
+    outs = run_forward(model, tokens, mask, micro_batch_size, step, document_ids=document_ids,
+                       targets=None if groups is None else {"groups": groups})
+    total = torch.zeros(1 + num_groups, 2, dtype=torch.float64, device=dev)
     for o in outs:
-        total += torch.stack([o["nll"], o["n"]]).to(total.device)
+        total += o["sums"].to(dev)
     sum_over_replicas(total)  # stages other than the last add zeros
-    return total[0].item(), int(total[1].item())
+    return total
 
 
 # ---------------------------------------------------------------- training

@@ -25,6 +25,11 @@ tokens, …}``, is written as a JSON list (``eval.json``, written to a temporary
 and printed as a table. ``params`` counts every weight (untied embedding and output layer);
 ``non_embedding_params`` leaves out the input embedding only, as transformers'
 ``num_parameters(exclude_embeddings=True)`` does.
+
+Long context: ``by_position`` holds the loss by a token's position in its document, in buckets
+of ``position_bucket`` tokens (default: the smallest sliding window), over documents longer than
+one bucket. Past the window only full-attention layers see earlier tokens: a model that dropped
+them (depth pruning) can look fine on the mean loss and still show no gain past the window.
 """
 
 from __future__ import annotations
@@ -244,34 +249,36 @@ def refuse_distillation_text(data: str, runs: list[tuple[str, Data]]) -> None:
 
 
 def megatron_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype,
-                  document_mask: bool) -> tuple[float, int]:
-    """(summed next-token NLL, predicted tokens) of a Megatron checkpoint over all rows, at the
-    current TP/PP, rows split over the data-parallel ranks; the same on every rank."""
+                  document_mask: bool, buckets=None, num_buckets: int = 0) -> torch.Tensor:
+    """[1 + num_buckets, 2] (summed next-token NLL, predicted tokens) of a Megatron checkpoint over
+    all rows, then per position bucket (:func:`position_buckets`), at the current TP/PP, rows split
+    over the data-parallel ranks; the same on every rank."""
     from pare_nemo.checkpoint import load_model
-    from pare_nemo.engine import data_parallel_share, forward_loss
+    from pare_nemo.engine import data_parallel_share, forward_loss_sums
 
     overrides = {"apply_rope_fusion": False} if document_mask else {}  # per-document positions
     model, cfg = load_model(ckpt.path, parallel_output=True, dtype=dtype, uneven_pipeline=True,
                             **overrides)
     model.eval()
     share = data_parallel_share
-    out = forward_loss(model, share(tokens), share(mask), micro_batch_size, cfg.vocab_size,
-                       document_ids=None if docs is None else share(docs))
+    out = forward_loss_sums(model, share(tokens), share(mask), micro_batch_size, cfg.vocab_size,
+                            None if docs is None else share(docs),
+                            None if buckets is None else share(buckets), num_buckets)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
 
 
-def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
-            dtype) -> tuple[float, int, int, int, str]:
-    """(summed next-token NLL, predicted tokens, params, non-embedding params, dtype) of an HF
-    model with transformers, rows split over all ranks. With ``docs`` each document of a row runs
-    alone (exactly what the Megatron model's document mask computes); the logits are then one
-    row's again and the loss is :func:`pare_nemo.losses.next_token_nll` as for Megatron."""
+def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype, buckets=None,
+            num_buckets: int = 0) -> tuple[torch.Tensor, int, int, str]:
+    """(the sums of :func:`megatron_loss`, params, non-embedding params, dtype) of an HF model
+    with transformers, rows split over all ranks. With ``docs`` each document of a row runs alone
+    (exactly what the Megatron model's document mask computes); the logits are then one row's
+    again and the loss is :func:`pare_nemo.losses.next_token_losses` as for Megatron."""
     from transformers import AutoModelForCausalLM
 
-    from pare_nemo.losses import next_token_nll
+    from pare_nemo.losses import grouped_sums, next_token_losses
     from pare_nemo.parallel import device
 
     dev = device()
@@ -280,7 +287,8 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tok, msk = tokens[rank::world], mask[rank::world]
     d = None if docs is None else docs[rank::world]
-    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    g = None if buckets is None else buckets[rank::world]
+    total = torch.zeros(1 + num_buckets, 2, dtype=torch.float64, device=dev)
     with torch.no_grad():
         for i in range(0, len(tok), micro_batch_size):
             t, m = tok[i:i + micro_batch_size].to(dev), msk[i:i + micro_batch_size].to(dev)
@@ -291,8 +299,9 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
                     torch.cat([model(input_ids=seg[None]).logits[0]
                                for seg in row.split(_segment_lengths(ids))])
                     for row, ids in zip(t, d[i:i + micro_batch_size])])
-            s, n = next_token_nll(logits, t, m, vocab)
-            total += torch.stack([s.double(), n.double()])
+            per_token, keep = next_token_losses(logits, t, m, vocab)
+            total += grouped_sums(per_token, keep, None if g is None else
+                                  g[i:i + micro_batch_size].to(dev), num_buckets)
     params, non_emb = model.num_parameters(), model.num_parameters(exclude_embeddings=True)
     used = str(model.dtype).removeprefix("torch.")
     del model
@@ -300,7 +309,30 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int,
         torch.cuda.empty_cache()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return total[0].item(), int(total[1].item()), params, non_emb, used
+    return total, params, non_emb, used
+
+
+def position_buckets(tokens: torch.Tensor, docs: torch.Tensor | None,
+                     width: int) -> tuple[torch.Tensor, int]:
+    """(bucket [N, S] of the loss at each position, number of buckets): the loss at position ``i``
+    predicts token ``i + 1``; its bucket is that token's position in its document // ``width``
+    (0: positions 1..width-1, 1: width..2·width-1, …), counted only in documents longer than
+    ``width`` tokens (in this row) and -1 elsewhere (a document's first token, which the previous
+    document's end predicts; short documents). Without ``docs`` a row is one document."""
+    from pare_nemo.olmo3.model import segments
+
+    n, s = tokens.shape
+    docs = torch.zeros_like(tokens) if docs is None else docs
+    seg, pos = segments(docs)
+    ids = seg + (torch.arange(n) * (s + 1))[:, None]  # unique over rows
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    length = counts[inverse]
+    def nxt(t):  # the predicted token's
+        return torch.roll(t, -1, dims=1)
+
+    buckets = torch.where((nxt(seg) == seg) & (nxt(length) > width), nxt(pos) // width, -1)
+    buckets[:, -1] = -1
+    return buckets, -(-s // width)
 
 
 def _segment_lengths(doc_ids: torch.Tensor) -> list[int]:
@@ -334,6 +366,8 @@ def check(cfg: EvalConfig) -> Checked:
     rows, par = cfg.rows, cfg.parallel
     named = parse_checkpoints(cfg.checkpoints)
     rows.check()
+    need(cfg.position_bucket is None or cfg.position_bucket >= 0,
+         f"position_bucket={cfg.position_bucket} must be >= 0 (0: no loss by position)")
     need(cfg.dtype is None or cfg.dtype in DTYPES,
          f"dtype={cfg.dtype!r}: expected one of {DTYPES} (or none: the checkpoint's)")
     out = Path(cfg.output).expanduser()
@@ -429,27 +463,52 @@ def held_out_rows(cfg: EvalConfig, checked: Checked):
     return batch_at(valid, 0, n), {"split": split, "part": "valid", "seed": cfg.seed}
 
 
-def loss_of(c: Checkpoint, cfg: EvalConfig, rows, docs, dp: int) -> dict:
-    """One checkpoint's row of eval.json (without the data's description)."""
+def bucket_width(cfg: EvalConfig, checkpoints: list[Checkpoint]) -> int:
+    """The position buckets' width: ``position_bucket``, else the checkpoints' smallest sliding
+    window; 0 (no loss by position) where that leaves a single bucket."""
+    width = cfg.position_bucket
+    if width is None:
+        windows = [c.config.sliding_window for c in checkpoints
+                   if getattr(c.config, "sliding_window", None)
+                   and "sliding_attention" in (getattr(c.config, "layer_types", None) or [])]
+        width = min(windows, default=0)
+    return width if 0 < width < cfg.rows.seq_length else 0
+
+
+def loss_of(c: Checkpoint, cfg: EvalConfig, rows, docs, dp: int, buckets=None,
+            width: int = 0) -> dict:
+    """One checkpoint's row of eval.json (without the data's description); with ``buckets``
+    (:func:`position_buckets` of ``width``) its loss by position, ``by_position``."""
     from pare_nemo.checkpoint import read_model_config
     from pare_nemo.parallel import world_size
 
     mbs = cfg.rows.micro_batch_size
+    nb = 0 if buckets is None else -(-cfg.rows.seq_length // width)
     if c.kind == "megatron":
         dt = getattr(torch, cfg.dtype) if cfg.dtype else None
-        nll, n = megatron_loss(c, rows.tokens, rows.mask, docs, mbs, dt, cfg.document_mask)
+        sums = megatron_loss(c, rows.tokens, rows.mask, docs, mbs, dt, cfg.document_mask,
+                             buckets, nb)
         params, non_emb = param_counts(c)
         used = str(dt or read_model_config(c.path)[2]).removeprefix("torch.")
         par = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
     else:
         dt = getattr(torch, cfg.dtype) if cfg.dtype else (
             "auto" if torch.cuda.is_available() else torch.float32)
-        nll, n, params, non_emb, used = hf_loss(c, rows.tokens, rows.mask, docs, mbs, dt)
+        sums, params, non_emb, used = hf_loss(c, rows.tokens, rows.mask, docs, mbs, dt,
+                                              buckets, nb)
         par = {"dp": world_size()}
-    loss = nll / n
-    return {"name": c.name, "path": str(c.path), "kind": c.kind, "params": params,
-            "non_embedding_params": non_emb, "loss": loss, "ppl": math.exp(loss), "tokens": n,
-            "dtype": used, "parallel": par}
+    sums = sums.cpu().tolist()
+    n, loss = sums[0][1], sums[0][0] / sums[0][1]
+    out = {"name": c.name, "path": str(c.path), "kind": c.kind, "params": params,
+           "non_embedding_params": non_emb, "loss": loss, "ppl": math.exp(loss), "tokens": int(n),
+           "dtype": used, "parallel": par}
+    if nb:
+        out["by_position"] = {
+            "bucket": width,
+            "start": [k * width for k in range(nb)],
+            "loss": [s / m if m else None for s, m in sums[1:]],
+            "tokens": [int(m) for _, m in sums[1:]]}
+    return out
 
 
 def evaluate(cfg: EvalConfig | None = None, **flat) -> str:
@@ -471,11 +530,16 @@ def evaluate(cfg: EvalConfig | None = None, **flat) -> str:
         data_info = {"data": cfg.data, **where, "num_samples": cfg.rows.num_samples,
                      "seq_length": cfg.rows.seq_length, "document_mask": cfg.document_mask,
                      "sha256": rows.sha256()}
+        width = bucket_width(cfg, checked.checkpoints)
+        buckets = position_buckets(rows.tokens, docs, width)[0] if width else None
+        if buckets is not None and not (buckets >= 0).any():
+            say(f"no document is longer than {width} tokens: no loss by position")
+            buckets = None
         for n in checked.notes:
             say(n)
         for c in checked.checkpoints:
             say(f"evaluating {c.name} ({c.kind}: {c.path})")
-            results.append(loss_of(c, cfg, rows, docs, checked.dp) | data_info)
+            results.append(loss_of(c, cfg, rows, docs, checked.dp, buckets, width) | data_info)
         if rank0:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_results(out, results)
@@ -552,3 +616,14 @@ def print_table(results: list[dict]) -> None:
                   f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['loss'] - r0['loss']:+.4f}",
                   str(r["tokens"]))
     Console().print(t)
+    pos = [r for r in results if r.get("by_position")]
+    if pos:
+        b = pos[0]["by_position"]
+        t = Table(title=f"held-out loss by position in documents longer than {b['bucket']} tokens")
+        t.add_column("name")
+        for start in b["start"]:
+            t.add_column(f"{start}-{start + b['bucket'] - 1}", justify="right")
+        for r in pos:
+            t.add_row(r["name"], *("–" if v is None else f"{v:.4f}"
+                                   for v in r["by_position"]["loss"]))
+        Console().print(t)

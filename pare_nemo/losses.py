@@ -196,11 +196,31 @@ def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     and ``mask`` [b, s]. The labels are the tokens shifted by one inside the row (the last position
     has none and is masked out), so the loss runs on the logits as they are: no sliced copy of them,
     and the stored gradient has the logits' own shape."""
+    per_token, keep = next_token_losses(logits, tokens, mask, vocab_size, tp_group)
+    return (per_token * keep).sum(), keep.sum()
+
+
+def next_token_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                      vocab_size: int, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, keep)`` [b, s] of :func:`next_token_nll` token by token: the loss at position ``i``
+    predicts token ``i + 1``; ``keep`` says which positions count."""
     labels = torch.roll(tokens, -1, dims=1)
     keep = mask & torch.roll(mask, -1, dims=1)
     keep[:, -1] = False
-    per_token = cross_entropy(logits, labels, vocab_size, tp_group=tp_group)
-    return (per_token * keep).sum(), keep.sum()
+    return cross_entropy(logits, labels, vocab_size, tp_group=tp_group), keep
+
+
+def grouped_sums(per_token: torch.Tensor, keep: torch.Tensor, groups: torch.Tensor | None,
+                 num_groups: int) -> torch.Tensor:
+    """[1 + num_groups, 2] fp64 (summed loss, count) of per-token losses [b, s] where ``keep``:
+    over all, then over each group's positions (``groups`` [b, s], -1: none)."""
+    sums = torch.zeros(1 + num_groups, 2, dtype=torch.float64, device=per_token.device)
+    sums[0] = torch.stack([(per_token * keep).sum().double(), keep.sum().double()])
+    if num_groups:
+        sel = keep & (groups >= 0)
+        values = per_token[sel].detach().double()
+        sums[1:].index_add_(0, groups[sel], torch.stack([values, torch.ones_like(values)], -1))
+    return sums
 
 
 def state_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

@@ -311,6 +311,22 @@ def _markdown(results: list[dict], t: dict, prompts: list[str] | None) -> str:
             f"{_ratio(r.get('ppl'), t.get('ppl'), '.2f')} |")
     lines.append("")
 
+    pos = [r for r in results if r.get("by_position")]
+    if pos:
+        b = pos[0]["by_position"]
+        w = b["bucket"]
+        lines += ["## Loss by position", "",
+                  f"Held-out loss of the tokens at each position of documents longer than {w} "
+                  f"tokens, in buckets of {w} (the smallest sliding window unless "
+                  "`position_bucket=` says otherwise): past the window only full-attention layers "
+                  "see the earlier tokens, so a model that lost them shows no gain there.", "",
+                  "| checkpoint | " + " | ".join(f"{s}–{s + w - 1}" for s in b["start"]) + " |",
+                  "|---|" + "---:|" * len(b["start"])]
+        for r in pos:
+            lines.append(f"| {_cell(r['name'])} | "
+                         + " | ".join(_num(v) for v in r["by_position"]["loss"]) + " |")
+        lines += ["", "Tokens per bucket: " + ", ".join(str(n) for n in b["tokens"]) + ".", ""]
+
     keys = sorted({k for r in results for k in (r.get("tasks") or {})
                    if not k.endswith("_stderr") and "_stderr," not in k})
     if keys:
@@ -383,6 +399,8 @@ def _figure(results: list[dict], t: dict, png: Path) -> None:
     panels = ["size"]
     if any(r.get("loss") is not None for r in results):
         panels.append("loss")
+    if any(r.get("by_position") for r in results):
+        panels.append("position")
     keys = sorted({k for r in results for k in (r.get("tasks") or {}) if "_stderr" not in k})
     if keys:
         panels.append("tasks")
@@ -409,6 +427,16 @@ def _figure(results: list[dict], t: dict, png: Path) -> None:
                     ax.annotate(f"ppl {r['ppl']:.1f}", (i, r.get("loss") or 0), ha="center",
                                 va="bottom", fontsize=8)
             ax.set_title("held-out loss")
+        elif panel == "position":
+            for r in results:
+                b = r.get("by_position")
+                if b:
+                    mid = [st + b["bucket"] / 2 for st in b["start"]]
+                    ax.plot(mid, b["loss"], marker="o", label=r["name"])
+            ax.set_xlabel("position in document")
+            ax.set_title("held-out loss by position")
+            ax.legend(fontsize=8)
+            continue
         elif panel == "tasks":
             w = 0.8 / len(keys)
             for j, k in enumerate(keys):

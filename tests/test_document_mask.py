@@ -7,7 +7,7 @@ import torch
 
 from pare_nemo.checkpoint import load_model
 from pare_nemo.engine import forward_logits
-from pare_nemo.olmo3.model import _segments, causal_attention, document_ids
+from pare_nemo.olmo3.model import segments, causal_attention, document_ids
 from pare_nemo.parallel import distributed
 
 # Two packed rows of 48 tokens (> the sliding window of 8), documents ending with EOS.
@@ -66,10 +66,10 @@ def test_document_ids_and_positions():
     tokens = torch.tensor([[5, 2, 7, 8, 2, 9], [2, 2, 4, 4, 4, 4]])
     ids = document_ids(tokens, eos)
     assert ids.tolist() == [[0, 0, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
-    seg, pos = _segments(ids)
+    seg, pos = segments(ids)
     assert pos.tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]]
     # documents are runs of equal ids: a repeated id later in the row is a new document
-    seg, pos = _segments(torch.tensor([[3, 3, 1, 3]]))
+    seg, pos = segments(torch.tensor([[3, 3, 1, 3]]))
     assert seg.tolist() == [[1, 1, 2, 3]] and pos.tolist() == [[0, 1, 0, 0]]
 
 

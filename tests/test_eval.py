@@ -98,6 +98,30 @@ def test_megatron_equals_transformers_on_held_out_rows(env, tp1, capsys):
         assert x["split"] == "98,2,0" and x["part"] == "valid"
     assert (r["mg"]["kind"], r["hf"]["kind"]) == ("megatron", "hf")
 
+    # the loss by position, by hand: each document alone through transformers, the token at
+    # position p (p >= 1) of a document longer than the window (8) in bucket p // 8
+    from pare_nemo.olmo3.model import document_ids
+
+    w = hf.config.sliding_window
+    sums = torch.zeros(-(-S // w), 2, dtype=torch.float64)
+    for row, ids in zip(rows.tokens, document_ids(rows.tokens, tok.eos_token_id)):
+        for doc in row.split(torch.unique_consecutive(ids, return_counts=True)[1].tolist()):
+            if len(doc) <= w:
+                continue
+            with torch.no_grad():
+                logits = hf(doc[None]).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, doc[1:], reduction="none")
+            for p, v in enumerate(nll.tolist(), start=1):
+                sums[p // w] += torch.tensor([v, 1.0], dtype=torch.float64)
+    by_hand = (sums[:, 0] / sums[:, 1]).tolist()
+    for x in (r["mg"], r["hf"]):
+        b = x["by_position"]
+        assert b["bucket"] == w and b["start"] == list(range(0, S, w))
+        assert b["tokens"] == sums[:, 1].long().tolist() and min(b["tokens"]) > 0
+        assert b["loss"] == pytest.approx(by_hand, abs=1e-4)
+    # without the document mask a row is one document
+    assert plain["mg"]["by_position"]["tokens"] == [N * (w - 1)] + [N * w] * (S // w - 1)
+
 
 def test_tp2_pp2_dp2_match_tp1(env, tp1, tmp_path):
     """The same rows at TP=2, PP=2 and DP=2 (2 gloo processes; transformers split over both
@@ -118,6 +142,9 @@ def test_tp2_pp2_dp2_match_tp1(env, tp1, tmp_path):
         for k, x in r.items():
             assert x["tokens"] == N * (S - 1) and x["sha256"] == ref[k]["sha256"]
             diffs[f"{name} {k}"] = abs(x["loss"] - ref[k]["loss"])
+            assert x["by_position"]["tokens"] == ref[k]["by_position"]["tokens"]
+            diffs[f"{name} {k} by position"] = max(abs(a - b) for a, b in zip(
+                x["by_position"]["loss"], ref[k]["by_position"]["loss"]))
     print("|loss - TP=1 loss|:", diffs)
     assert max(diffs.values()) <= 1e-4
     assert results(tmp_path / "tp2" / "eval.json")["mg"]["parallel"] == {"tp": 2, "pp": 1, "dp": 1}
@@ -250,3 +277,55 @@ def test_one_rank_runs_alone_after_the_job(monkeypatch):
         assert dist.get_world_size() == 1
     assert not dist.is_initialized()
     assert {k: os.environ[k] for k in job} == job
+
+
+def test_window_only_model_gains_nothing_past_the_window(tmp_path, tokenizer):
+    """Rows whose second half repeats the first (24 random tokens of 16, then the same 24): a model
+    with a full-attention layer learns to copy across 24 tokens, so its loss past position 24
+    falls far below ln 16; the same weights with every layer sliding (window 8: what depth pruning
+    leaves when it drops the full-attention layers) cannot see the first half and gain nothing
+    past the window. Through eval's loss by position on Megatron imports of both."""
+    from transformers import Olmo3ForCausalLM
+
+    from conversion.convert import import_hf
+    from pare_nemo.config import EvalConfig
+    from pare_nemo.eval import find_checkpoint, loss_of, position_buckets
+    from pare_nemo.parallel import distributed
+    from pare_nemo.tiny import tiny_config, train_briefly
+
+    half, w = 24, 8
+
+    def copy_rows(n, seed):
+        x = torch.randint(4, 20, (n, half), generator=torch.Generator().manual_seed(seed))
+        return torch.cat([x, x], 1)
+
+    cfg = tiny_config(vocab_size=len(tokenizer), num_layers=2, sliding_window=w,
+                      layer_types=["sliding_attention", "full_attention"])
+    cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = train_briefly(Olmo3ForCausalLM(cfg), copy_rows(2048, 0), steps=300, batch=32)
+    paths = {}
+    for name, types in (("full", cfg.layer_types), ("window_only", ["sliding_attention"] * 2)):
+        cfg.layer_types = types
+        hf_dir = tmp_path / f"hf_{name}"
+        m = Olmo3ForCausalLM(cfg)
+        m.load_state_dict(model.state_dict())
+        m.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        paths[name] = import_hf(str(hf_dir), str(tmp_path / f"mg_{name}"))
+    rows = copy_rows(16, 1)
+    buckets, nb = position_buckets(rows, None, w)
+    assert nb == 2 * half // w
+    gain = {}
+    with distributed(1, 1):
+        for name, path in paths.items():
+            ev = EvalConfig.of(None, checkpoints=str(path), data="copy", num_samples=16,
+                               seq_length=2 * half, micro_batch_size=4, document_mask=False)
+            r = loss_of(find_checkpoint(name, str(path)), ev,
+                        type("Rows", (), {"tokens": rows, "mask": torch.ones_like(rows).bool()}),
+                        None, 1, buckets, w)
+            loss = r["by_position"]["loss"]  # buckets 0-2: random tokens; 3-5: the copy
+            gain[name] = sum(loss[1:3]) / 2 - sum(loss[3:]) / 3
+            print(name, [round(x, 3) for x in loss])
+    print("gain past position 24 (nats):", gain)
+    assert gain["full"] > 1.5 and gain["window_only"] < 0.1

@@ -92,7 +92,7 @@ def doc_ids() -> torch.Tensor:
 
 def test_document_block_mask_8192():
     ids = doc_ids()
-    seg, _ = pm._segments(ids)
+    seg, _ = pm.segments(ids)
     bm = pm._document_block_mask(W, ids, S, S)
     dense = dense_mask(W, seg)
     check_against_dense(bm, dense, seg)
@@ -135,7 +135,7 @@ def test_compiled_block_masks_need_no_s_by_s_tensor():
     except OSError as e:
         pytest.skip(f"cannot reset the resident-memory high-water mark: {e}")
     compiled = pm._compiled_create_block_mask()
-    seg, _ = pm._segments(doc_ids())
+    seg, _ = pm.segments(doc_ids())
     cases = {"sliding": (pm._mask_mod(W, None), None), "documents": (pm._mask_mod(W, seg), 2)}
     sxs_bool = S * S / 2**20
     for name, (mod, b) in cases.items():

@@ -279,7 +279,7 @@ def document_ids(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return eos.cumsum(-1) - eos
 
 
-def _segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(segment index, position in segment), both [b, s], of each token; a segment is a maximal
     run of equal ids, so ids need not be sorted or contiguous numbers."""
     if doc_ids.dim() != 2 or doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
@@ -333,7 +333,7 @@ def _document_block_mask(window: int | None, doc_ids: torch.Tensor, q_len: int, 
     hit = _document_masks.get(window)
     if hit is not None and hit[0] is doc_ids and hit[1] == doc_ids._version:
         return hit[2]
-    seg, _ = _segments(doc_ids)
+    seg, _ = segments(doc_ids)
     make = _compiled_create_block_mask() if doc_ids.is_cuda else create_block_mask
     mask = make(_mask_mod(window, seg), doc_ids.shape[0], None, q_len, kv_len,
                 device=doc_ids.device)
@@ -383,7 +383,7 @@ def causal_attention(q, k, v, window: int | None, scale: float, use_flex: bool |
     if window is not None:
         keep = keep & (i - j < window)
     if doc_ids is not None:
-        seg, _ = _segments(doc_ids)
+        seg, _ = segments(doc_ids)
         keep = keep & (seg[:, -sq:, None] == seg[:, None, :])[:, None]  # [b, 1, sq, sk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
 
@@ -528,7 +528,7 @@ class Olmo3TransformerLayer(MegatronModule, BaseTransformerLayer):
             if self.config.apply_rope_fusion:
                 raise NotImplementedError("document ids need apply_rope_fusion=False (per-token "
                                           "RoPE positions)")
-            _, positions = _segments(attention_mask)
+            _, positions = segments(attention_mask)
         freqs = self.rotary_freqs(seq_len, hidden_states.device, positions)
         attn, _ = self.self_attention(hidden_states, attention_mask, rotary_pos_emb=(freqs, freqs))
         hidden_states = hidden_states + self.post_attention_layernorm(attn)
