@@ -356,6 +356,7 @@ class Downstream:
     chat_template: bool | None = None  # None: when the tokenizer has one
     max_new_tokens: int = 64
     batch_sizes: list[int] | None = None  # None: [1, 8]
+    max_seq_lengths: list[int] | None = None  # long-context tasks (RULER): None: theirs (4096)
 
     def check(self) -> list[str]:
         """The task names (unknown ones are refused, by lm-eval's task index)."""

@@ -549,14 +549,14 @@ def evaluate(cfg: EvalConfig | None = None, **flat) -> str:
     if down.report and rank0:  # on exported HF models, in this process alone
         compression_report(results, out, checked.tasks, down.num_fewshot, down.task_limit,
                            down.chat_template, down.max_new_tokens,
-                           list(down.batch_sizes or (1, 8)), cfg.overwrite)
+                           list(down.batch_sizes or (1, 8)), cfg.overwrite, down.max_seq_lengths)
     return str(out)
 
 
 def compression_report(results: list[dict], out: Path, tasks: list[str],
                        num_fewshot: int | None, task_limit: int | None,
                        chat_template: bool | None, max_new_tokens: int, batch_sizes: list[int],
-                       overwrite: bool) -> Path:
+                       overwrite: bool, max_seq_lengths: list[int] | None = None) -> Path:
     """Downstream tasks (lm-eval), generation speed and sample generations of every checkpoint's
     HF form (a Megatron checkpoint is exported first, to ``<output dir>/hf/<name>``), added to
     ``results`` and eval.json, and the side-by-side report in ``<output dir>/report``."""
@@ -574,7 +574,8 @@ def compression_report(results: list[dict], out: Path, tasks: list[str],
               + (f", tasks {','.join(tasks)}" if tasks else ""), flush=True)
         if tasks:
             r["tasks"] = rep.run_tasks(hf_dir, tasks, num_fewshot=num_fewshot, limit=task_limit,
-                                       apply_chat_template=chat_template)
+                                       apply_chat_template=chat_template,
+                                       max_seq_lengths=max_seq_lengths)
         r["speed"] = rep.generation_speed(hf_dir, rep.PROMPTS, max_new_tokens=max_new_tokens,
                                           batch_sizes=tuple(batch_sizes),
                                           chat_template=chat_template)

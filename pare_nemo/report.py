@@ -96,26 +96,30 @@ def _encode(tok, prompts: list[str], chat: bool, device: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...], defaults: bool):
+def _task_manager(paths: tuple[str, ...], defaults: bool, metadata: str = "{}"):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths), include_defaults=defaults)
+    return TaskManager(include_path=list(paths), include_defaults=defaults,
+                       metadata=json.loads(metadata) or None)
 
 
-def task_manager(names: list[str], include_path: str | list[str] | None = None):
+def task_manager(names: list[str], include_path: str | list[str] | None = None,
+                 metadata: dict | None = None):
     """lm-eval's TaskManager over Pare's tasks (pare_nemo/tasks/), ``include_path``'s and lm-eval's
     own; when every name is one of the first two's, lm-eval's ~15k built-in task configs are not
-    indexed (that takes ~15-30 s on a CPU). Built once per process."""
+    indexed (that takes ~15-30 s on a CPU). Built once per process and ``metadata`` (what tasks
+    that make their own data read: RULER's ``pretrained`` tokenizer and ``max_seq_lengths``)."""
+    meta = json.dumps(metadata or {}, sort_keys=True)
     extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
     for p in extra:
         if not Path(p).expanduser().is_dir():
             raise FileNotFoundError(f"include_path {p} is not a directory of lm-eval task YAMLs")
     paths = (str(TASK_DIR), *(str(Path(p).expanduser()) for p in extra))
     if names and not any(c in n for n in names for c in "*?["):
-        local = _task_manager(paths, False)
+        local = _task_manager(paths, False, meta)
         if all(n in local.all_tasks for n in names):
             return local
-    return _task_manager(paths, True)
+    return _task_manager(paths, True, meta)
 
 
 def check_tasks(names: list[str], manager) -> None:
@@ -135,19 +139,23 @@ def check_tasks(names: list[str], manager) -> None:
 def run_tasks(hf_dir: str, tasks: str | list[str], num_fewshot: int | None = None,
               batch_size: int | str = "auto", limit: int | None = None,
               apply_chat_template: bool | None = None, include_path: str | None = None,
-              seed: int = 1234) -> dict[str, float]:
+              seed: int = 1234, max_seq_lengths: list[int] | None = None) -> dict[str, float]:
     """Downstream tasks of an exported HF model through lm-evaluation-harness (its HFLM model):
     ``tasks`` comma-separated or a list (lm-eval names or globs, Pare's ``pare_pydoc``);
     ``num_fewshot`` None keeps each task's own; ``apply_chat_template`` None applies the chat
     template when the tokenizer has one (multi-turn few-shot then); ``limit`` caps the documents
     per task (tests, smoke runs). Returns {"task/metric": value}, standard errors included as
-    "task/metric_stderr"; metrics of a non-default filter read "task/metric,filter"."""
+    "task/metric_stderr"; metrics of a non-default filter read "task/metric,filter".
+    Tasks that build their own prompts (RULER: ``niah_single_1``, ``ruler_vt``, …) are sized with
+    the model's tokenizer, at ``max_seq_lengths`` (RULER's default: 4096)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)
              if t.strip()]
-    manager = task_manager(names, include_path)
+    meta = {"pretrained": str(Path(hf_dir).expanduser())} | (
+        {"max_seq_lengths": list(max_seq_lengths)} if max_seq_lengths else {})
+    manager = task_manager(names, include_path, meta)
     check_tasks(names, manager)
     path = _check_hf_dir(hf_dir)
     if num_fewshot is not None and num_fewshot < 0:

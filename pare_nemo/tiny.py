@@ -23,7 +23,8 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def make_tokenizer(vocab_size: int = 1024):
+def make_tokenizer(vocab_size: int = 1024, text: str | None = None):
+    """A byte-level BPE of ``vocab_size`` trained on ``text`` (default: pydoc_data.topics)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +33,7 @@ def make_tokenizer(vocab_size: int = 1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = pydoc_text()
+    text = text or pydoc_text()
     tok.train_from_iterator((text[i:i + 4096] for i in range(0, len(text), 4096)), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",

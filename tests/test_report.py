@@ -157,6 +157,10 @@ def test_write_report(models, scores, trained, tmp_path):
                                                            "latency_s": 1.2}]},
                         "samples": [f"{name} says | hi\nthere", f"{name} #2"]})
     results[1]["params"] = 200_000  # a pruned count, so relative sizes show
+    for i, r in enumerate(results):
+        r["by_position"] = {"bucket": 16, "start": [0, 16, 32, 48],
+                            "loss": [4.0 + i, 3.5 + i, 3.25 + i, 3.125 + i],
+                            "tokens": [60, 64, 64, 64]}
 
     md = write_report(results, str(tmp_path / "report"), prompts=PROMPTS)
     text = md.read_text()
@@ -169,6 +173,8 @@ def test_write_report(models, scores, trained, tmp_path):
     assert "| pare_pydoc/acc |" in text and "Tokenizers differ" not in text
     assert "tokens/s @ batch 1" in text and "tokens/s @ batch 8" in text and "| 2.00 |" in text
     assert all(p in text for p in PROMPTS)
+    assert "## Loss by position" in text and "| checkpoint | 0–15 | 16–31 | 32–47 | 48–63 |" in text
+    assert "| pruned | 5.0000 | 4.5000 | 4.2500 | 4.1250 |" in text
     png = (tmp_path / "report" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -212,3 +218,16 @@ def test_pare_eval_writes_the_report(models, trained, tmp_path):
         assert len(r["samples"]) == 3
     assert res["teacher"]["loss"] < res["random"]["loss"] - 1
     assert (out / "report" / "report.png").exists()
+    assert "## Loss by position" in text  # documents longer than the window (16)
+    assert res["teacher"]["by_position"]["tokens"] == res["random"]["by_position"]["tokens"]
+
+
+def test_long_context_tasks_get_the_tokenizer_and_lengths():
+    """Tasks that make their own prompts (RULER) read the model's tokenizer and the lengths to
+    test from the task manager's metadata: run_tasks gives them, one manager per metadata."""
+    from pare_nemo.report import task_manager
+
+    meta = {"pretrained": "/models/student", "max_seq_lengths": [8192, 16384]}
+    m = task_manager(["pare_pydoc"], metadata=meta)
+    assert m.metadata == meta and task_manager(["pare_pydoc"], metadata=meta) is m
+    assert task_manager(["pare_pydoc"]).metadata is None
