@@ -2,7 +2,7 @@
 which of distillation's options help. Everything runs through Pare's own stages (import,
 importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and caches.
 
-    uv run python benchmarks/bench_kd_quality.py             # the table (about an hour, 2 cores)
+    uv run python benchmarks/bench_kd_quality.py             # the table (~1.5 h on 2 cores)
     uv run python benchmarks/bench_kd_quality.py --quick     # a smoke run, under a minute
                                                              # (also PARE_BENCH_SMOKE=1; tested)
 
@@ -22,6 +22,9 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
    teacher correction, iterative pruning in two rounds at half the tokens each).
 5. ``pare eval`` on dev and on test documents (the same rows for every checkpoint): options are
    chosen on dev, reported on test, with the loss by position for the depth students.
+
+Time on 2 CPU cores: teacher ~10 min, each student run ~65 s (x 3 seeds x 20 rows), the 10x
+scratch runs ~6 min each, both evaluations ~3 min: about 1.5 h (``--seeds 1``: ~35 min).
 
 Writes ``<out>/results.json`` and ``<out>/kd_quality.png`` and prints the table. The teacher,
 scores and students are cached in ``<out>`` (delete it to rebuild); each run directory too (a run
@@ -356,10 +359,12 @@ def print_table(table: list[dict], scale: Scale) -> None:
     kd = ref.get("width: KD")
     print(f"\nheld-out loss (mean over seeds {list(scale.seeds)} ± half their range); "
           "options chosen on dev, reported on test")
-    print(f"{'row':48s} {'non-emb':>8s} {'dev':>16s} {'test':>16s} {'test - KD':>10s}")
+    print(f"{'row':48s} {'seeds':>5s} {'non-emb':>8s} {'dev':>16s} {'test':>16s} "
+          f"{'test - KD':>10s}")
     for e in table:
         d = f"{e['test'] - kd['test']:+.4f}" if kd and e["row"].startswith("width") else ""
-        print(f"{e['row']:48s} {e['params'] / 1e6:7.2f}M {e['dev']:9.4f} ±{e['dev_spread']:.4f}"
+        print(f"{e['row']:48s} {e['seeds']:5d} {e['params'] / 1e6:7.2f}M {e['dev']:9.4f} "
+              f"±{e['dev_spread']:.4f}"
               f" {e['test']:9.4f} ±{e['test_spread']:.4f} {d:>10s}")
     pos = [e for e in table if "by_position" in e and e["row"].startswith(("teacher", "depth"))]
     if pos:
