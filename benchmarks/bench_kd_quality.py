@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -436,6 +437,8 @@ def main(argv=None) -> dict:
     plot(table, out / "kd_quality.png")
     say(f"KD - scratch(10x tokens) on test: {verdict['kd_minus_scratch_10x']:+.4f}; "
         f"{out / 'results.json'}, {out / 'kd_quality.png'}")
+    if quick and not args.out:  # a smoke run leaves nothing behind
+        shutil.rmtree(out)
     return {"table": table, **verdict}
 
 
