@@ -32,13 +32,16 @@ COMMANDS = {
     "search": ("pare_nemo.search", "search"),
     "prepare-data": ("pare_nemo.data", "prepare_data"),
     "teacher-logits": ("pare_nemo.teacher_logits", "teacher_logits"),
+    "sparsify": ("pare_nemo.sparsify", "sparsify"),
+    "quantize": ("pare_nemo.quantize", "quantize"),
     "distill": ("pare_nemo.distill", "distill"),
     "eval": ("pare_nemo.eval", "evaluate"),
     "demo": ("pare_nemo.demo", "demo"),
 }
 
 REQUIRED = inspect.Parameter.empty
-CONFIGS = ("importance", "prune", "search", "teacher-logits", "distill", "eval")  # typed configs
+CONFIGS = ("importance", "prune", "search", "teacher-logits", "distill", "eval", "sparsify",
+           "quantize")  # typed configs
 _NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
 
 

@@ -5,6 +5,8 @@ whole stage config; a run saves its config (``distill_args.json`` is a ``Distill
     ImportanceConfig  megatron_path, scores_path, text, rows, parallel, aggregation, ...
     PruneConfig       megatron_path, scores_path, save_path, targets, depth, parallel, ...
     SearchConfig      megatron_path, scores_path, budget, text, rows, parallel, grid, depth, ...
+    SparsifyConfig    megatron_path, save_path, text, method, sparsity, pattern, rows, ...
+    QuantizeConfig    output, text, megatron_path | hf_path, format, rows, dtype, ...
     DistillConfig     models, data, run, batch, optimizer, kd, parallel
     EvalConfig        checkpoints, data, output, rows, parallel, downstream, ...
 
@@ -30,6 +32,8 @@ INTERMEDIATE = ("none", "cosine", "mse")
 HIDDEN_MATCH = ("kept", "projection")
 RECOMPUTE = ("none", "selective", "full")
 LAYER_METRICS = ("layer", "layer_loss", "block")
+SPARSITY_METHODS = ("wanda", "sparsegpt", "magnitude")
+QUANT_FORMATS = ("fp8", "int8", "int8_wo")
 
 
 def need(condition: bool, message: str) -> None:
@@ -185,11 +189,13 @@ class Models:
     checkpoint run beside the student (``teacher_path``: online), or the teacher's top-k
     log-probs ``pare teacher-logits`` stored (``teacher_logits``: offline, no teacher loaded), or
     none (``alpha=1``: CE alone, as teacher correction trains); the dtype both run in and the
-    student's activation recompute."""
+    student's activation recompute. ``mask``: a ``pare sparsify`` checkpoint (or its mask file)
+    whose zeros the student keeps: pruned weights get no gradient and stay exactly zero."""
 
     student_path: str
     teacher_path: str | None = None
     teacher_logits: str | None = None
+    mask: str | None = None
     dtype: str = RUN_DTYPE
     recompute: str = "none"  # none | selective | full
 
@@ -214,6 +220,10 @@ class Models:
                  "no teacher: give teacher_path= (or teacher_logits= from pare teacher-logits); "
                  "only alpha=1 (CE alone) trains without one")
         sc, padded, _ = read_model_config(self.student_path)
+        if self.mask:
+            from pare_nemo.sparsify import check_mask_fits
+
+            check_mask_fits(self.mask, sc)
         tc = None
         if self.teacher_path:
             tc, _, _ = read_model_config(self.teacher_path)
@@ -589,5 +599,84 @@ class TeacherLogitsConfig(Config):
              f"multiples of micro_batch_size={mbs}")
 
 
+@dataclass(kw_only=True)
+class SparsifyConfig(Config):
+    """pare sparsify: zero a fraction of every decoder linear's weights (Wanda, SparseGPT or
+    magnitude), unstructured or N:M, keeping the architecture."""
+
+    megatron_path: str
+    save_path: str
+    method: str = "wanda"  # wanda | sparsegpt | magnitude
+    sparsity: float | None = None  # None: 0.5, or N/M for pattern=N:M
+    pattern: str = "unstructured"  # or N:M: N of every M consecutive input weights are zero
+    damp: float = 0.01  # sparsegpt: added to H's diagonal, as a fraction of its mean
+    held_out_samples: int = 16  # rows after the calibration rows: the loss before and after
+    overwrite: bool = False
+    text: Text  # calibration text, read as importance reads it
+    rows: Rows = field(default_factory=lambda: Rows(num_samples=128))
+    parallel: Parallel = field(default_factory=Parallel)
+
+    def check(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, or None; sets ``sparsity`` when it was left to the pattern."""
+        import re
+
+        one_of("method", self.method, SPARSITY_METHODS)
+        nm = None
+        if self.pattern != "unstructured":
+            m = re.fullmatch(r"(\d+):(\d+)", self.pattern)
+            need(m is not None and 0 < int(m[1]) < int(m[2]),
+                 f"pattern={self.pattern!r}: expected unstructured or N:M with 0 < N < M (2:4)")
+            nm = int(m[1]), int(m[2])
+            need(self.sparsity in (None, nm[0] / nm[1]),
+                 f"sparsity={self.sparsity} disagrees with pattern={self.pattern} (which zeroes "
+                 f"{nm[0] / nm[1]:g} of the weights): leave sparsity out")
+            self.sparsity = nm[0] / nm[1]
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        need(0 < self.sparsity < 1, f"sparsity={self.sparsity} must be in (0, 1)")
+        need(self.damp > 0 and self.held_out_samples >= 0,
+             f"damp={self.damp} must be > 0 and held_out_samples={self.held_out_samples} >= 0")
+        return nm
+
+
+@dataclass(kw_only=True)
+class QuantizeConfig(Config):
+    """pare quantize: post-training quantization (fp8 / int8) with NVIDIA ModelOpt into an HF
+    checkpoint vLLM / TensorRT-LLM load, with the held-out loss before and after."""
+
+    output: str
+    megatron_path: str | None = None  # a Pare checkpoint (exported to HF first), or:
+    hf_path: str | None = None  # an HF model directory
+    format: str = "fp8"  # fp8 | int8 (SmoothQuant W8A8) | int8_wo (weight-only)
+    held_out_samples: int = 16  # rows after the calibration rows: the loss before and after
+    dtype: str = "bfloat16"  # calibration, and the tensors left unquantized
+    overwrite: bool = False
+    text: Text  # calibration text, read as importance reads it
+    rows: Rows = field(default_factory=lambda: Rows(num_samples=128, seq_length=2048))
+
+    def check(self) -> str:
+        """The source checkpoint's path."""
+        from pathlib import Path
+
+        one_of("format", self.format, QUANT_FORMATS)
+        one_of("dtype", self.dtype, DTYPES)
+        need(bool(self.megatron_path) != bool(self.hf_path),
+             "give megatron_path= (a Pare checkpoint) or hf_path= (an HF model directory), "
+             "exactly one")
+        need(self.held_out_samples >= 0 and self.rows.num_samples >= 1
+             and self.rows.micro_batch_size >= 1,
+             "num_samples and micro_batch_size must be >= 1, held_out_samples >= 0")
+        if self.megatron_path:
+            from pare_nemo.checkpoint import read_model_config
+
+            read_model_config(self.megatron_path)  # a clear error if it is not one
+            return self.megatron_path
+        if not (Path(self.hf_path) / "config.json").is_file():
+            raise FileNotFoundError(f"hf_path={self.hf_path} has no config.json (an HF model "
+                                    "directory, e.g. pare export's output)")
+        return self.hf_path
+
+
 STAGES = {"importance": ImportanceConfig, "prune": PruneConfig, "search": SearchConfig,
-          "distill": DistillConfig, "eval": EvalConfig, "teacher-logits": TeacherLogitsConfig}
+          "distill": DistillConfig, "eval": EvalConfig, "teacher-logits": TeacherLogitsConfig,
+          "sparsify": SparsifyConfig, "quantize": QuantizeConfig}

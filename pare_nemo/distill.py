@@ -472,6 +472,11 @@ class Distillation:
                             checked.teacher.hidden_size, bool(cfg.kd.embedding_weight))
         self.chunks, self.optimizer, self.scheduler = setup_training(
             student, cfg.optimizer, cfg.batch.train_steps)
+        self.mask = None
+        if m.mask:  # pruned weights start and stay at zero
+            from pare_nemo.sparsify import Mask
+
+            self.mask = Mask(m.mask, self.chunks)
         self.distiller = Distiller(self.chunks[0], teacher, checked.student, checked.teacher,
                                    checked.pairs, checked.student.vocab_size, cfg.kd)
         if self.rank0 and not checked.resume:
@@ -504,7 +509,7 @@ class Distillation:
                               self.batches(self.train_set, self.consumed, gbs),
                               self.distiller.forward_step,
                               adjust_tensor_shapes_fn=self.distiller.adjust_tensor_shapes,
-                              on_nan=run.on_nan)
+                              on_nan=run.on_nan, mask=self.mask)
             terms = self.distiller.reduce_aux()
             self.step, self.consumed = self.step + 1, self.consumed + gbs
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
@@ -580,8 +585,24 @@ class Distillation:
         self.metrics.flush()
 
     def close(self, plot: bool) -> None:
+        if self.mask is not None and self.step == self.cfg.batch.train_steps:
+            self.check_mask()
         self.distiller.remove_hooks()
         self.metrics.close(plot)
+
+    def check_mask(self) -> None:
+        """The final sparse integrity check (pruned weights are still exactly zero), saved in
+        the run directory; a violation is an error."""
+        import json
+
+        result = self.mask.integrity()
+        if self.rank0:
+            (Path(self.cfg.run.save_path) / rundir.SPARSITY_CHECK).write_text(
+                json.dumps(result, indent=1))
+            self.metrics.say(f"sparse integrity: {result['nonzero_pruned']} of "
+                             f"{result['pruned_weights']:,} pruned weights are non-zero")
+        if not result["ok"]:
+            raise RuntimeError(f"sparse integrity check failed: {result}")
 
     # ---- set-up helpers
 

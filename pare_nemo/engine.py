@@ -336,7 +336,7 @@ def train_step(model_chunks, optimizer, scheduler, tokens: torch.Tensor, mask: t
 
 
 def run_step(model_chunks, optimizer, scheduler, batches: list[MicroBatch], forward_step,
-             adjust_tensor_shapes_fn=None, on_nan: str = "skip") -> StepResult:
+             adjust_tensor_shapes_fn=None, on_nan: str = "skip", mask=None) -> StepResult:
     """One training iteration over ``batches`` (this DP rank's) with megatron's schedule.
 
     ``forward_step(data_iterator, model)`` is megatron's ``forward_step_func``: it takes the next
@@ -347,6 +347,9 @@ def run_step(model_chunks, optimizer, scheduler, batches: list[MicroBatch], forw
     NaN guard: when the loss or any gradient is not finite on any rank, no update happens (the
     optimizer and scheduler do not step) and the result says ``skipped``; with ``on_nan="stop"``
     a ``FloatingPointError`` is raised instead. Either way nothing poisoned reaches the weights.
+
+    ``mask`` (:class:`pare_nemo.sparsify.Mask`): the gradients of pruned weights are zeroed
+    before the update and the weights re-zeroed after it.
     """
     if on_nan not in ("skip", "stop"):
         raise ValueError(f"on_nan={on_nan!r}: expected 'skip' or 'stop'")
@@ -371,6 +374,8 @@ def run_step(model_chunks, optimizer, scheduler, batches: list[MicroBatch], forw
                                      forward_only=False,
                                      adjust_tensor_shapes_fn=adjust_tensor_shapes_fn))
 
+    if mask is not None:
+        mask.grads()
     finite = torch.tensor([1.0 if all(math.isfinite(v) for v in losses.values()) else 0.0],
                           device=device())
     for c in model_chunks:
@@ -386,6 +391,8 @@ def run_step(model_chunks, optimizer, scheduler, batches: list[MicroBatch], forw
         return StepResult(loss=losses["loss"], grad_norm=None, lr=lr, skipped=True,
                           losses=losses)
     update_successful, grad_norm, _ = optimizer.step()
+    if mask is not None:
+        mask.weights()
     if update_successful:
         scheduler.step(increment=1)
     return StepResult(loss=losses["loss"],

@@ -26,6 +26,7 @@ ARGS_FILE = "distill_args.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
+SPARSITY_CHECK = "sparse_integrity.json"  # distill mask=: pruned weights stayed zero
 
 
 def write_json(path: Path, data) -> None:
@@ -89,5 +90,9 @@ def start(cfg: DistillConfig, student_config, padded_vocab_size: int, dtype) -> 
     shutil.copytree(student / TOKENIZER_DIR, save / TOKENIZER_DIR, dirs_exist_ok=True)
     if (student / PLAN_FILE).exists():
         shutil.copy(student / PLAN_FILE, save / PLAN_FILE)
+    if cfg.models.mask:  # the distilled model keeps its zeros: it carries their mask on
+        from pare_nemo.sparsify import MASK_FILE, mask_file
+
+        shutil.copy(mask_file(cfg.models.mask), save / MASK_FILE)
     write_model_config(save, student_config, padded_vocab_size, dtype)
     write_json(save / ARGS_FILE, cfg.to_dict())

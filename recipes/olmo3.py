@@ -28,6 +28,7 @@ from pare_nemo.config import (
     Rows,
     Run,
     Targets,
+    SparsifyConfig,
     TeacherLogitsConfig,
     Text,
 )
@@ -54,6 +55,9 @@ def pruned(axis: str) -> str:
 
 def distilled(axis: str) -> str:
     return f"checkpoints/olmo3_7b_distill_{axis}"
+
+
+SPARSE = "checkpoints/olmo3_7b_width_4p5b_2of4"  # the distilled width student, 2:4 sparse
 
 
 # ---------------------------------------------------------------- importance
@@ -172,8 +176,29 @@ def olmo3_7b_teacher_correction() -> DistillConfig:
         kd=KD(alpha=1.0), parallel=Parallel(tp=2))
 
 
+def olmo3_7b_distill_sparse() -> DistillConfig:
+    """Masked distillation of the 2:4-sparse width student (seed 003: sparsify, then distill
+    training only the weights left): the width recipe from ``olmo3_7b_sparsify``'s checkpoint,
+    its zeros kept (``mask=``), 2000 steps (12.6B tokens; a choice, not measured at 7B)."""
+    cfg = olmo3_7b_distill_width()
+    cfg.models.student_path = cfg.models.mask = SPARSE
+    cfg.run.save_path = distilled("width_2of4")
+    cfg.batch.train_steps = 2000
+    return cfg
+
+
 DISTILL_RECIPES = (olmo3_7b_distill_width, olmo3_7b_distill_depth, olmo3_7b_distill_combined,
-                   olmo3_7b_teacher_correction, tiny_distill)
+                   olmo3_7b_teacher_correction, olmo3_7b_distill_sparse, tiny_distill)
+
+
+# ---------------------------------------------------------------- sparsity
+
+
+def olmo3_7b_sparsify() -> SparsifyConfig:
+    """2:4 sparsity (the pattern sparse tensor cores run) of the distilled width student by Wanda,
+    calibrated on 128 x 4096 tokens of the SFT mixture; then ``olmo3_7b_distill_sparse``."""
+    return SparsifyConfig(megatron_path=distilled("width"), save_path=SPARSE,
+                          text=Text(data=IMPORTANCE_DATA), method="wanda", pattern="2:4")
 
 
 # ---------------------------------------------------------------- offline teacher logits

@@ -187,6 +187,15 @@ def test_teacher_logits_script_passes_the_recipe_and_the_paths_set(tmp_path):
                          "top_k=16"]
 
 
+def test_sparsify_script_passes_the_recipe_and_the_paths_set(tmp_path):
+    p, args, _ = run_script(tmp_path, "sparsify.sh", {
+        "SLURM_JOB_ID": "8", "SLURM_JOB_NODELIST": "node1", "GPUS_PER_NODE": "0",
+        "SAVE_PATH": "/ckpt/sparse", "TP": "2"}, "method=sparsegpt")
+    assert p.returncode == 0, p.stderr
+    assert args[-5:] == ["sparsify", "recipe=olmo3_7b_sparsify", "save_path=/ckpt/sparse", "tp=2",
+                         "method=sparsegpt"]
+
+
 def test_slurm_with_container_uses_pyxis(tmp_path):
     hf = tmp_path / "hf"
     p, args, env = run_script(tmp_path, "prune.sh", {
