@@ -249,10 +249,11 @@ def refuse_distillation_text(data: str, runs: list[tuple[str, Data]]) -> None:
 
 
 def megatron_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype,
-                  document_mask: bool, buckets=None, num_buckets: int = 0) -> torch.Tensor:
-    """[1 + num_buckets, 2] (summed next-token NLL, predicted tokens) of a Megatron checkpoint over
-    all rows, then per position bucket (:func:`position_buckets`), at the current TP/PP, rows split
-    over the data-parallel ranks; the same on every rank."""
+                  document_mask: bool, buckets=None, num_buckets: int = 0):
+    """([1 + num_buckets, 2] (summed next-token NLL, predicted tokens) of a Megatron checkpoint
+    over all rows, then per position bucket (:func:`position_buckets`), at the current TP/PP, rows
+    split over the data-parallel ranks; the same on every rank, the fraction of its decoder linear
+    weights that are zero)."""
     from pare_nemo.checkpoint import load_model
     from pare_nemo.engine import data_parallel_share, forward_loss_sums
 
@@ -264,25 +265,28 @@ def megatron_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, d
     out = forward_loss_sums(model, share(tokens), share(mask), micro_batch_size, cfg.vocab_size,
                             None if docs is None else share(docs),
                             None if buckets is None else share(buckets), num_buckets)
+    from pare_nemo.sparsify import zero_fraction
+
+    sparsity = zero_fraction(model)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return out
+    return out, sparsity
 
 
 def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype, buckets=None,
-            num_buckets: int = 0) -> tuple[torch.Tensor, int, int, str]:
-    """(the sums of :func:`megatron_loss`, params, non-embedding params, dtype) of an HF model
-    with transformers, rows split over all ranks. With ``docs`` each document of a row runs alone
+            num_buckets: int = 0) -> tuple[torch.Tensor, int, int, str, float]:
+    """(the sums of :func:`megatron_loss`, params, non-embedding params, dtype, the zero fraction of
+    its decoder linear weights) of an HF model with transformers (a ModelOpt export dequantized by
+    :func:`pare_nemo.quantize.load_causal_lm`), rows split over all ranks. With ``docs`` each document of a row runs alone
     (exactly what the Megatron model's document mask computes); the logits are then one row's
     again and the loss is :func:`pare_nemo.losses.next_token_losses` as for Megatron."""
-    from transformers import AutoModelForCausalLM
-
     from pare_nemo.losses import grouped_sums, next_token_losses
     from pare_nemo.parallel import device
+    from pare_nemo.quantize import load_causal_lm
 
     dev = device()
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype).to(dev).eval()
+    model = load_causal_lm(ckpt.path, dtype=dtype).to(dev).eval()
     vocab = model.config.vocab_size
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tok, msk = tokens[rank::world], mask[rank::world]
@@ -304,12 +308,15 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype, 
                                   g[i:i + micro_batch_size].to(dev), num_buckets)
     params, non_emb = model.num_parameters(), model.num_parameters(exclude_embeddings=True)
     used = str(model.dtype).removeprefix("torch.")
+    linears = [m.weight for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    sparsity = (sum(int((w == 0).sum()) for w in linears) / max(1, sum(w.numel() for w in linears)))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return total, params, non_emb, used
+    return total, params, non_emb, used, sparsity
 
 
 def position_buckets(tokens: torch.Tensor, docs: torch.Tensor | None,
@@ -481,27 +488,28 @@ def loss_of(c: Checkpoint, cfg: EvalConfig, rows, docs, dp: int, buckets=None,
     (:func:`position_buckets` of ``width``) its loss by position, ``by_position``."""
     from pare_nemo.checkpoint import read_model_config
     from pare_nemo.parallel import world_size
+    from pare_nemo.quantize import bits
 
     mbs = cfg.rows.micro_batch_size
     nb = 0 if buckets is None else -(-cfg.rows.seq_length // width)
     if c.kind == "megatron":
         dt = getattr(torch, cfg.dtype) if cfg.dtype else None
-        sums = megatron_loss(c, rows.tokens, rows.mask, docs, mbs, dt, cfg.document_mask,
-                             buckets, nb)
+        sums, sparsity = megatron_loss(c, rows.tokens, rows.mask, docs, mbs, dt,
+                                       cfg.document_mask, buckets, nb)
         params, non_emb = param_counts(c)
         used = str(dt or read_model_config(c.path)[2]).removeprefix("torch.")
         par = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp}
     else:
         dt = getattr(torch, cfg.dtype) if cfg.dtype else (
             "auto" if torch.cuda.is_available() else torch.float32)
-        sums, params, non_emb, used = hf_loss(c, rows.tokens, rows.mask, docs, mbs, dt,
-                                              buckets, nb)
+        sums, params, non_emb, used, sparsity = hf_loss(c, rows.tokens, rows.mask, docs, mbs,
+                                                        dt, buckets, nb)
         par = {"dp": world_size()}
     sums = sums.cpu().tolist()
     n, loss = sums[0][1], sums[0][0] / sums[0][1]
     out = {"name": c.name, "path": str(c.path), "kind": c.kind, "params": params,
            "non_embedding_params": non_emb, "loss": loss, "ppl": math.exp(loss), "tokens": int(n),
-           "dtype": used, "parallel": par}
+           "dtype": used, "sparsity": sparsity, "bits": bits(c.path, used), "parallel": par}
     if nb:
         out["by_position"] = {
             "bucket": width,
@@ -610,10 +618,12 @@ def print_table(results: list[dict]) -> None:
     r0 = results[0]
     t = Table(title=f"held-out loss on {r0['num_samples']} x {r0['seq_length']} tokens of "
                     f"{r0['data']}")
-    for col in ("name", "kind", "params", "non-emb.", "loss", "ppl", "Δ loss", "tokens"):
+    for col in ("name", "kind", "params", "non-emb.", "sparsity", "bits", "loss", "ppl", "Δ loss",
+                "tokens"):
         t.add_column(col, justify="left" if col in ("name", "kind") else "right")
     for r in results:
         t.add_row(r["name"], r["kind"], _fmt(r["params"]), _fmt(r["non_embedding_params"]),
+                  f"{r.get('sparsity', 0):.0%}", str(r.get("bits", "")),
                   f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['loss'] - r0['loss']:+.4f}",
                   str(r["tokens"]))
     Console().print(t)

@@ -71,15 +71,18 @@ def has_chat_template(hf_dir: str | Path) -> bool:
 
 
 def _load(hf_dir: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, device): a ModelOpt export dequantized (pare_nemo.quantize)."""
+    from transformers import AutoTokenizer
+
+    from pare_nemo.quantize import load_causal_lm
 
     path = _check_hf_dir(hf_dir)
     device, dtype = _device_dtype()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)).to(device).eval()
+    model = load_causal_lm(path, dtype if dtype == "auto" else getattr(torch, dtype))
+    model = model.to(device).eval()
     return model, tok, device
 
 
@@ -164,7 +167,13 @@ def run_tasks(hf_dir: str, tasks: str | list[str], num_fewshot: int | None = Non
         raise ValueError(f"limit={limit} must be >= 1 (or none: every document)")
     chat = has_chat_template(path) if apply_chat_template is None else apply_chat_template
     device, dtype = _device_dtype()
-    lm = HFLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
+    from pare_nemo.quantize import quant_algo
+
+    if quant_algo(path):  # transformers would load the raw fp8/int8 numbers: pass the model
+        model, tok, _ = _load(path)
+        lm = HFLM(pretrained=model, tokenizer=tok, device=device, batch_size=batch_size)
+    else:
+        lm = HFLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
     out = simple_evaluate(
         model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         apply_chat_template=chat, fewshot_as_multiturn=chat,
@@ -306,8 +315,8 @@ def _markdown(results: list[dict], t: dict, prompts: list[str] | None) -> str:
 
     lines += ["## Size and loss", "",
               "| checkpoint | kind | params | of teacher | non-embedding params | of teacher "
-              "| loss | Δ loss | perplexity | × teacher |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| sparsity | bits | loss | Δ loss | perplexity | × teacher |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         dl = None if r.get("loss") is None or t.get("loss") is None else r["loss"] - t["loss"]
         lines.append(
@@ -315,7 +324,7 @@ def _markdown(results: list[dict], t: dict, prompts: list[str] | None) -> str:
             f"{_ratio(r.get('params'), t.get('params'))} | "
             f"{_count(r.get('non_embedding_params'))} | "
             f"{_ratio(r.get('non_embedding_params'), t.get('non_embedding_params'))} | "
-            f"{_num(r.get('loss'))} | {_num(dl, '+.4f')} | {_num(r.get('ppl'), '.2f')} | "
+            f"{_num(r.get('sparsity'), '.0%')} | {r.get('bits', '–')} | {_num(r.get('loss'))} | {_num(dl, '+.4f')} | {_num(r.get('ppl'), '.2f')} | "
             f"{_ratio(r.get('ppl'), t.get('ppl'), '.2f')} |")
     lines.append("")
 
