@@ -25,8 +25,12 @@ REQUIREMENTS = ROOT / "docker" / "requirements.txt"
 CONTAINER_PROVIDED = {"torch"}
 
 
+PURE_PYTHON_NVIDIA = ("nvidia-modelopt", "nvidia-ml-py")  # ModelOpt (pare quantize), NVML bindings
+
+
 def cuda_stack(name: str) -> bool:
-    return name in ("torch", "triton") or name.startswith(("nvidia-", "cuda-"))
+    return name not in PURE_PYTHON_NVIDIA and (
+        name in ("torch", "triton") or name.startswith(("nvidia-", "cuda-")))
 
 
 # the NGC images' platforms (x86_64 and arm64 builds), Python 3.12

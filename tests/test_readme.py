@@ -93,7 +93,7 @@ NOT_RUNNABLE = {
 # the output each stage writes, checked to exist after its line ran
 OUTPUT = {"import": "megatron_path", "export": "hf_path", "importance": "scores_path",
           "prune": "save_path", "distill": "save_path", "eval": "output",
-          "teacher-logits": "output"}
+          "teacher-logits": "output", "sparsify": "save_path", "quantize": "output"}
 
 
 # --- the README's command lines ---

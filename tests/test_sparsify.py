@@ -168,11 +168,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path, trained, distill_env):
     sparse = sparsify(megatron_path=env["teacher"], save_path=str(tmp_path / "sp"),
                       method="magnitude", **CALIB)
     with pytest.raises(ValueError, match="does not fit this student"):
-        distill(**dict(train_steps=2, save_interval=2, teacher_path=env["teacher"],
+        distill(**dict(train_steps=2, save_interval=2, warmup_steps=0, teacher_path=env["teacher"],
                        student_path=env["width"], mask=sparse, data=env["data"],
                        save_path=str(tmp_path / "run")))
     with pytest.raises(FileNotFoundError, match="sparsity_mask"):
-        distill(train_steps=2, save_interval=2, teacher_path=env["teacher"],
+        distill(train_steps=2, save_interval=2, warmup_steps=0, teacher_path=env["teacher"],
                 student_path=env["width"], mask=str(tmp_path), data=env["data"],
                 save_path=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
