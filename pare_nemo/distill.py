@@ -467,16 +467,16 @@ class Distillation:
                                     uneven_pipeline=True, **self.overrides(student=False))
             teacher.eval()
             teacher.requires_grad_(False)
+        self.mask = None
+        if m.mask:  # pruned weights start (before the optimizer copies them) and stay at zero
+            from pare_nemo.sparsify import Mask
+
+            self.mask = Mask(m.mask, [student])
         if cfg.kd.hidden_match == "projection":
             add_projections(student, checked.pairs, checked.student.hidden_size,
                             checked.teacher.hidden_size, bool(cfg.kd.embedding_weight))
         self.chunks, self.optimizer, self.scheduler = setup_training(
             student, cfg.optimizer, cfg.batch.train_steps)
-        self.mask = None
-        if m.mask:  # pruned weights start and stay at zero
-            from pare_nemo.sparsify import Mask
-
-            self.mask = Mask(m.mask, self.chunks)
         self.distiller = Distiller(self.chunks[0], teacher, checked.student, checked.teacher,
                                    checked.pairs, checked.student.vocab_size, cfg.kd)
         if self.rank0 and not checked.resume:

@@ -19,8 +19,9 @@ The statistics come from one forward-only pass of the dense model over calibrati
 ``pare importance`` reads them (Wanda's way; SparseGPT's layer-by-layer variant, which feeds each
 layer the already-sparse layers' outputs, is not done). Exact at any TP/PP: each linear's inputs are
 gathered to their full width (a row-parallel layer's input is split over TP), its statistics are
-summed over the data-parallel ranks, and every TP rank computes the mask on the full (TP=1) weight
-and keeps its shard, so the masks do not depend on the layout. SparseGPT holds every layer's
+summed over the data-parallel ranks, and the first TP rank computes the mask on the full (TP=1)
+weight and sends it to the others, each keeping its shard, so the masks do not depend on the
+layout. SparseGPT holds every layer's
 ``H`` (input width squared, fp32) of its pipeline stage from the calibration pass on: ~22 GB for
 Olmo 3 7B at PP=1 (PP=2 halves it).
 
@@ -273,8 +274,9 @@ def sparsify(cfg: SparsifyConfig | None = None, **flat) -> str:
                     k = key(i, name)
                     param = layer.get_submodule(name).weight
                     w = full_tensor(param, k)
-                    new, kept = sparsify_weight(w, stats.get(k), cfg.method, cfg.sparsity, nm,
-                                                cfg.damp)
+                    new, kept = _on_first_tp_rank(
+                        w, lambda: sparsify_weight(w, stats.get(k), cfg.method, cfg.sparsity, nm,
+                                                   cfg.damp))
                     param.copy_(local_shard(new.to(param.dtype), param, k))
                     masks[k] = pack(kept)  # 1 bit a weight from here on
                     per_layer[k] = 1 - kept.float().mean().item()
@@ -314,6 +316,25 @@ def sparsify_weight(w: torch.Tensor, stat, method: str, sparsity: float, nm, dam
     wf = w.float()
     score = wf.abs() if method == "magnitude" else wf.abs() * stat.sqrt()[None, :]
     return prune_by_score(w, score, sparsity, nm, per_row=method == "wanda")
+
+
+def _on_first_tp_rank(w: torch.Tensor, compute):
+    """``compute()`` -> (sparse weight, kept mask) on the first rank of the TP group, sent to
+    the others: every rank keeps its shard of the very same tensors."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return compute()
+    group = ps.get_tensor_model_parallel_group()
+    if ps.get_tensor_model_parallel_rank() == 0:
+        new, kept = compute()
+        kept = kept.to(torch.uint8)
+    else:
+        new, kept = torch.empty_like(w), torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    src = dist.get_process_group_ranks(group)[0]
+    dist.broadcast(new, src=src, group=group)
+    dist.broadcast(kept, src=src, group=group)
+    return new, kept.bool()
 
 
 def _gather_stages(d: dict) -> dict:

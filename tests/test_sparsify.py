@@ -112,7 +112,8 @@ def _sparsify_worker(tp, pp, ckpt, out, method):
 
 def test_tp2_pp2_masks_equal_tp1(tmp_path, trained):
     """SparseGPT at TP=2 x PP=2 (its Hessians need the row-parallel layers' inputs gathered over
-    TP): the same masks as TP=1, and the same weights to float rounding."""
+    TP; each stage's masks reach the file): the same masks as TP=1, and the same weights to float
+    rounding."""
     ref = sparsify(megatron_path=str(trained["mg"]), save_path=str(tmp_path / "ref"),
                    method="sparsegpt", **CALIB)
     spawn(_sparsify_worker, 4, 2, 2, str(trained["mg"]), str(tmp_path / "par"), "sparsegpt",
