@@ -278,9 +278,10 @@ def hf_loss(ckpt: Checkpoint, tokens, mask, docs, micro_batch_size: int, dtype, 
             num_buckets: int = 0) -> tuple[torch.Tensor, int, int, str, float]:
     """(the sums of :func:`megatron_loss`, params, non-embedding params, dtype, the zero fraction of
     its decoder linear weights) of an HF model with transformers (a ModelOpt export dequantized by
-    :func:`pare_nemo.quantize.load_causal_lm`), rows split over all ranks. With ``docs`` each document of a row runs alone
-    (exactly what the Megatron model's document mask computes); the logits are then one row's
-    again and the loss is :func:`pare_nemo.losses.next_token_losses` as for Megatron."""
+    :func:`pare_nemo.quantize.load_causal_lm`), rows split over all ranks. With ``docs`` each
+    document of a row runs alone (exactly what the Megatron model's document mask computes); the
+    logits are then one row's again and the loss is :func:`pare_nemo.losses.next_token_losses` as
+    for Megatron."""
     from pare_nemo.losses import grouped_sums, next_token_losses
     from pare_nemo.parallel import device
     from pare_nemo.quantize import load_causal_lm
