@@ -13,7 +13,25 @@ import torch.multiprocessing as mp
 from pare_nemo.parallel import free_port
 
 
-def _entry(rank, world, port, fn, args, err_dir):
+_INHERITED = []  # a forked worker's references to its parent's process groups, kept for life
+
+
+def _keep_inherited_groups() -> None:
+    """In a forked worker: hold on to every process group object the parent left behind (in
+    megatron's module globals, lru caches keyed by groups, objects not yet collected). Their
+    threads were not forked: freeing one here joins a thread id that is not this process's (or
+    is another one's now) and hangs. Kept for life; the worker leaves through os._exit."""
+    import gc
+
+    pg = torch.distributed.ProcessGroup
+    for obj in gc.get_objects():  # every tracked container; a group is referenced from one
+        _INHERITED.extend(r for r in gc.get_referents(obj) if issubclass(type(r), pg))
+    gc.freeze()  # and inherited cycles are never collected here
+
+
+def _entry(rank, world, port, fn, args, err_dir, forked=False):
+    if forked:
+        _keep_inherited_groups()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -29,14 +47,42 @@ def _entry(rank, world, port, fn, args, err_dir):
 
 
 def spawn(fn, world: int, *args, tmp: Path):
-    """Run ``fn(*args)`` in ``world`` gloo processes; re-raise the first rank's traceback."""
+    """Run ``fn(*args)`` in ``world`` gloo processes; re-raise the first rank's traceback.
+
+    The processes are forked from this one (which has imported torch, megatron and transformers:
+    ~24 s a process on 2 cores if each imported them anew), unless CUDA is initialized here (a
+    forked child cannot use it): then spawned."""
     err_dir = Path(tmp) / "errors"
     err_dir.mkdir(parents=True, exist_ok=True)
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    if method == "fork":
+        import gc
+
+        gc.collect()  # this process's garbage (old groups) freed here, where their threads are
     try:
-        mp.spawn(_entry, args=(world, free_port(), fn, args, str(err_dir)), nprocs=world)
+        mp.start_processes(_entry, args=(world, free_port(), fn, args, str(err_dir),
+                                         method == "fork"),
+                           nprocs=world, start_method=method)
     except Exception as e:
         errs = "\n".join(p.read_text() for p in sorted(err_dir.glob("*.err")))
-        raise AssertionError(f"distributed worker failed:\n{errs}") from e
+        raise AssertionError(f"distributed worker failed ({e}):\n{errs}") from e
+
+
+def _forked(fn, args, kwargs):
+    _keep_inherited_groups()
+    fn(*args, **kwargs)
+
+
+def fork(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in one forked process (this one's imports, its inherited groups
+    kept as :func:`spawn`'s workers do), started; the ``multiprocessing.Process``."""
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    proc = multiprocessing.get_context("fork").Process(target=_forked, args=(fn, args, kwargs))
+    proc.start()
+    return proc
 
 
 def logits_worker(tp, pp, ckpt, tokens, out_file, save_to=None):
