@@ -4,7 +4,8 @@ whole stage config; a run saves its config (``distill_args.json`` is a ``Distill
 
     ImportanceConfig  megatron_path, scores_path, text, rows, parallel, aggregation, ...
     PruneConfig       megatron_path, scores_path, save_path, targets, depth, parallel, ...
-    SearchConfig      megatron_path, scores_path, budget, text, rows, parallel, grid, depth, ...
+    SearchConfig      megatron_path, scores_path, text, budget(s), rows, parallel, grid, depth,
+                      latency, retrain, ...
     SparsifyConfig    megatron_path, save_path, text, method, sparsity, pattern, rows, ...
     QuantizeConfig    output, text, megatron_path | hf_path, format, rows, dtype, ...
     DistillConfig     models, data, run, batch, optimizer, kd, parallel
@@ -34,6 +35,7 @@ RECOMPUTE = ("none", "selective", "full")
 LAYER_METRICS = ("layer", "layer_loss", "block")
 SPARSITY_METHODS = ("wanda", "sparsegpt", "magnitude")
 QUANT_FORMATS = ("fp8", "int8", "int8_wo")
+LATENCY_KINDS = ("model", "measured")
 
 
 def need(condition: bool, message: str) -> None:
@@ -518,18 +520,90 @@ class PruneConfig(Config):
 
 
 @dataclass(kw_only=True)
+class Latency:
+    """How ``pare search`` prices a candidate's speed and memory, at ``latency_batch_size``
+    sequences of ``latency_context`` tokens in ``latency_dtype``: ``latency=model`` is a roofline
+    estimate from the shape and a hardware's figures (``hardware``: h100 | h200 | a100 | cpu, the
+    CPU probed; None: this machine), ``measured`` times prefill and decode steps of the shape on
+    this machine (median of repeats after warm-up)."""
+
+    latency: str = "model"  # model | measured
+    hardware: str | None = None
+    latency_batch_size: int = 1
+    latency_context: int = 4096
+    latency_dtype: str = "bfloat16"
+
+    def check(self) -> None:
+        from pare_nemo.search import HARDWARE
+
+        one_of("latency", self.latency, LATENCY_KINDS)
+        need(self.hardware is None or self.hardware in (*HARDWARE, "cpu"),
+             f"hardware={self.hardware!r}: expected one of {(*HARDWARE, 'cpu')} (or none: this "
+             "machine's)")
+        need(self.latency == "model" or self.hardware is None,
+             f"latency=measured times this machine; hardware={self.hardware!r} is for "
+             "latency=model")
+        one_of("latency_dtype", self.latency_dtype, DTYPES)
+        need(self.latency_batch_size >= 1 and self.latency_context >= 1,
+             "latency_batch_size and latency_context must be >= 1")
+
+
+@dataclass(kw_only=True)
+class Retrain:
+    """The short distillation of the ``retrain_top`` best zero-shot candidates (the Minitron papers'
+    practice: zero-shot rankings are unstable): each is built by ``pare prune``'s function and
+    distilled ``retrain_steps`` steps of ``retrain_batch_size`` rows (the search's seq_length and
+    micro_batch_size) by ``pare distill``'s loop from ``teacher_path`` (None: the searched
+    checkpoint) on ``distill_data`` (prepare-data prefixes; the same rows and seed for every
+    candidate), then scored by ``pare eval``'s function on ``score_samples`` rows of the data's
+    validation split. Each candidate's files are under ``retrain_dir`` (None: beside out_path);
+    a search run again redoes only unfinished candidates."""
+
+    retrain_top: int = 0
+    retrain_steps: int = 100
+    teacher_path: str | None = None
+    distill_data: str | None = None
+    retrain_batch_size: int = 32
+    retrain_lr: float = 1e-4  # cosine to a tenth of it
+    retrain_warmup: int = 0
+    retrain_dtype: str = RUN_DTYPE
+    score_samples: int = 64
+    retrain_dir: str | None = None
+
+    def check(self, dp: int, micro_batch_size: int) -> None:
+        need(self.retrain_top >= 0, f"retrain_top={self.retrain_top} must be >= 0")
+        if not self.retrain_top:
+            return
+        need(bool(self.distill_data), "retrain_top needs distill_data= (pare prepare-data "
+                                      "prefixes the candidates are distilled on)")
+        one_of("retrain_dtype", self.retrain_dtype, DTYPES)
+        need(self.retrain_steps >= 1 and self.score_samples >= 1 and self.retrain_lr > 0
+             and 0 <= self.retrain_warmup < self.retrain_steps,
+             f"retrain_steps={self.retrain_steps} and score_samples={self.score_samples} must be "
+             f">= 1, retrain_lr > 0, 0 <= retrain_warmup < retrain_steps")
+        need(self.retrain_batch_size % (dp * micro_batch_size) == 0,
+             f"retrain_batch_size={self.retrain_batch_size} is not divisible by data-parallel "
+             f"size {dp} x micro_batch_size {micro_batch_size}")
+
+
+@dataclass(kw_only=True)
 class SearchConfig(Config):
-    """pare search: rank candidate architectures under a parameter budget by zero-shot loss."""
+    """pare search: rank candidate architectures under a parameter, latency or memory budget by
+    zero-shot loss, then (``retrain_top``) by the loss after a short distillation."""
 
     megatron_path: str
     scores_path: str
-    budget: float  # parameters
     text: Text
+    budget: float | None = None  # parameters
     tolerance: float = 0.05  # candidates within budget x (1 +- tolerance)
+    budget_latency: float | None = None  # seconds per decode step (latency section's shape)
+    budget_memory: float | None = None  # bytes: weights + KV cache (latency section's shape)
     rows: Rows = field(default_factory=lambda: Rows(num_samples=64))
     parallel: Parallel = field(default_factory=Parallel)
     grid: Grid = field(default_factory=Grid)
     depth: Depth = field(default_factory=Depth)
+    latency: Latency = field(default_factory=Latency)
+    retrain: Retrain = field(default_factory=Retrain)
     out_path: str | None = None  # default: search.json beside the scores
     top: int = 10  # rows printed
 

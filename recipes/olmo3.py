@@ -20,15 +20,19 @@ from pare_nemo.config import (
     DistillConfig,
     Downstream,
     EvalConfig,
+    Grid,
     ImportanceConfig,
+    Latency,
     Models,
     Optimizer,
     Parallel,
     PruneConfig,
+    Retrain,
     Rows,
     Run,
-    Targets,
+    SearchConfig,
     SparsifyConfig,
+    Targets,
     TeacherLogitsConfig,
     Text,
 )
@@ -116,6 +120,43 @@ def tiny_width(workdir: str = "pare_demo") -> PruneConfig:
 
 
 PRUNE_RECIPES = (olmo3_7b_width_4p5b, olmo3_7b_depth_4p5b, olmo3_7b_combined_4p5b)
+
+
+# ---------------------------------------------------------------- architecture search
+
+
+def olmo3_7b_search() -> SearchConfig:
+    """The 4.5B family of Olmo 3 7B (4.5B +- 5% parameters): width (FFN, heads, hidden), depth (18
+    to 32 layers, full-attention layers protected) and their combinations, ranked by zero-shot
+    loss on 64 x 8192 tokens of the SFT mixture, priced by a roofline of an H100 decoding one
+    sequence at 8k context (bf16); the best 3 each distilled 300 steps (1.9B tokens, the order of
+    the Minitron paper's lightweight retraining) on the distillation blend and ranked again. TP=2
+    (8 GPUs: DP=4), as distillation runs."""
+    return SearchConfig(
+        megatron_path=TEACHER, scores_path=SCORES, text=Text(data=IMPORTANCE_DATA), budget=4.5e9,
+        rows=Rows(num_samples=64, seq_length=8192), parallel=Parallel(tp=2),
+        grid=Grid(ffn=[8192, 9216, 11008], heads=[24, 28, 32], hidden=[3072, 3584, 4096],
+                  layers=[18, 24, 28, 32]),
+        depth=Depth(protect_full_attention=True),
+        latency=Latency(hardware="h100", latency_context=8192),
+        retrain=Retrain(retrain_top=3, retrain_steps=300, retrain_batch_size=768,
+                        distill_data=OLMO3_DISTILL_DATA, retrain_warmup=30),
+        out_path="scores/olmo3-7b-instruct-search.json")
+
+
+def tiny_search(workdir: str = "pare_demo") -> SearchConfig:
+    """The demo model (1.02M parameters) at 0.6M +- 10%: 8 candidates of FFN, heads, hidden and
+    depth, priced on this machine (the CPU probed); the best 3 distilled 20 steps of 16 x 128
+    tokens on the demo's prepared pydoc text and ranked again."""
+    return SearchConfig(
+        megatron_path=f"{workdir}/megatron", scores_path=f"{workdir}/scores/importance.pt",
+        text=Text(data="pydoc"), budget=6e5, tolerance=0.1,
+        rows=Rows(num_samples=16, seq_length=128, micro_batch_size=4),
+        grid=Grid(ffn=[384, 256, 192], heads=[8, 4], hidden=[128, 96], layers=[4, 3]),
+        latency=Latency(latency_context=128),
+        retrain=Retrain(retrain_top=3, retrain_steps=20, retrain_batch_size=16, retrain_lr=3e-3,
+                        retrain_warmup=2, distill_data=f"{workdir}/data/pydoc", score_samples=16),
+        out_path=f"{workdir}/search/search.json")
 
 
 # ---------------------------------------------------------------- distillation

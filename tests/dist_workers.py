@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 
 from pare_nemo.parallel import free_port
 
-
 _INHERITED = []  # a forked worker's references to its parent's process groups, kept for life
 
 
@@ -34,7 +33,7 @@ def _entry(rank, world, port, fn, args, err_dir, forked=False):
         _keep_inherited_groups()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # (forked: the parent's OpenMP threads were not; a team of more hangs)
     try:
         fn(*args)
     except BaseException:
@@ -70,6 +69,7 @@ def spawn(fn, world: int, *args, tmp: Path):
 
 def _forked(fn, args, kwargs):
     _keep_inherited_groups()
+    torch.set_num_threads(1)  # the parent's OpenMP threads were not forked: a team of more hangs
     fn(*args, **kwargs)
 
 
@@ -89,7 +89,12 @@ def logits_worker(tp, pp, ckpt, tokens, out_file, save_to=None):
     """Load ``ckpt`` at (tp, pp), write the last stage's logits, optionally save at (tp, pp)."""
     from megatron.core import parallel_state as ps
 
-    from pare_nemo.checkpoint import atomic_output_dir, load_model, read_model_config, save_model
+    from pare_nemo.checkpoint import (
+        atomic_output_dir,
+        load_model,
+        read_model_config,
+        save_model,
+    )
     from pare_nemo.engine import forward_logits
     from pare_nemo.parallel import init_distributed
 

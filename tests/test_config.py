@@ -64,7 +64,7 @@ def test_recipes_return_whole_configs_that_check():
         for recipe_name, recipe in recipes_for(command(name)).items():
             cfg = recipe()
             assert isinstance(cfg, cls), recipe_name
-            for section in ("kd", "run", "aggregation", "depth", "targets"):
+            for section in ("kd", "run", "aggregation", "depth", "targets", "latency"):
                 part = getattr(cfg, section, None)
                 if part is not None:
                     part.check()

@@ -200,6 +200,15 @@ def test_sparsify_script_passes_the_recipe_and_the_paths_set(tmp_path):
                          "method=sparsegpt"]
 
 
+def test_search_script_passes_the_recipe_and_the_paths_set(tmp_path):
+    p, args, _ = run_script(tmp_path, "search.sh", {
+        "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "node1", "GPUS_PER_NODE": "0",
+        "OUT_PATH": "/scores/search.json", "TP": "2"}, "retrain_top=2")
+    assert p.returncode == 0, p.stderr
+    assert args[-5:] == ["search", "recipe=olmo3_7b_search", "out_path=/scores/search.json",
+                         "tp=2", "retrain_top=2"]
+
+
 def test_slurm_with_container_uses_pyxis(tmp_path):
     hf = tmp_path / "hf"
     p, args, env = run_script(tmp_path, "prune.sh", {

@@ -23,7 +23,8 @@ nothing runs. ``test_readme_line`` then runs them:
   package registries), each with its reason; every entry must still match a README line.
 
 Lines that need no other line (``pare demo``, the benchmarks) run in one background lane beside
-the chains, so their tests come last (ids keep the README's line numbers).
+the chains, so their tests come last (ids keep the README's line numbers); ``recipe=tiny_…`` lines
+run there too, after the demo that made their models.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def rules_for(line: str) -> list[str]:
 
 
 def independent(line: str) -> bool:
-    """Needs no other line's output: runs in the background lane."""
-    return rules_for(line) == ["benchmark"] or line.startswith("uv run pare demo")
+    """Needs no chain's output: runs in the background lane, in README order (so a line on the
+    demo's models, ``recipe=tiny_…``, runs after ``pare demo`` made them)."""
+    return rules_for(line) == ["benchmark"] or line.startswith("uv run pare demo") or (
+        rules_for(line) == ["pare"] and "recipe=tiny_" in line)
 
 
 LINES = readme_lines(README.read_text())
