@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command: the GPU tests (tests/gpu) and the GPU benchmarks
-# (benchmarks/bench_gpu.py, bench_sparse24.py). See benchmarks/GPU.md.
+# (benchmarks/bench_gpu.py, bench_sparse24.py, bench_latency.py). See benchmarks/GPU.md.
 #
 #   benchmarks/gpu_suite.sh                     # in an environment with Pare's dependencies
 #   WHEELS=.whl benchmarks/gpu_suite.sh         # first installs the wheels in .whl (no network
@@ -89,6 +89,9 @@ bench_rc=$?
 
 echo "=== benchmarks/bench_sparse24.py"
 "$PYTHON" benchmarks/bench_sparse24.py || bench_rc=$?
+
+echo "=== benchmarks/bench_latency.py"
+"$PYTHON" benchmarks/bench_latency.py || bench_rc=$?
 
 echo "=== gpu_suite: tests/gpu $([ $tests_rc -eq 0 ] && echo passed || echo "FAILED (exit $tests_rc)"),"\
      "benchmarks $([ $bench_rc -eq 0 ] && echo ran || echo "FAILED (exit $bench_rc)")"

@@ -88,11 +88,35 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def _forget_megatron_groups() -> None:
+    """Drop the references megatron keeps past ``destroy_model_parallel``: parallel_state globals
+    it does not reset, and lru caches holding modules that hold groups (RotaryEmbedding.forward's
+    keeps its ``self``). Otherwise those groups and their gloo threads outlive the job's group in
+    a process that runs stage after stage (the demo, the search's retraining, the tests)."""
+    import functools
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("megatron."):
+            continue
+        attrs = vars(module)
+        for key, value in list(attrs.items()):
+            if issubclass(type(value), dist.ProcessGroup):
+                attrs[key] = None
+            elif isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+            elif isinstance(value, type) and value.__module__ == name:
+                for member in vars(value).values():
+                    if isinstance(member, functools._lru_cache_wrapper):
+                        member.cache_clear()
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _forget_megatron_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
     # A trained model, its DDP buffers and optimizer sit in reference cycles that hold the

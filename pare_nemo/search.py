@@ -200,7 +200,7 @@ def measure(c, batch: int, context: int, dtype: torch.dtype, repeats: int = 10,
     c = copy.deepcopy(c)
     c.use_cache = True
     with torch.device(dev):
-        model = Olmo3ForCausalLM._from_config(c, torch_dtype=dtype).eval()
+        model = Olmo3ForCausalLM._from_config(c, dtype=dtype).eval()
     tokens = torch.randint(0, c.vocab_size, (batch, context),
                            generator=torch.Generator().manual_seed(0)).to(dev)
     state = {}
@@ -538,6 +538,7 @@ def eval_config(cfg: SearchConfig, where: Path) -> EvalConfig:
 def retrain(cfg: SearchConfig, result: dict, retrain_dir: Path, say) -> None:
     """Distill the ``retrain_top`` best zero-shot candidates with the stages' own functions, one
     after another (a candidate with its eval.json is done), and rank them again."""
+    from pare_nemo import rundir
     from pare_nemo.checkpoint import CONFIG_FILE
     from pare_nemo.distill import distill
     from pare_nemo.eval import evaluate
@@ -551,6 +552,10 @@ def retrain(cfg: SearchConfig, result: dict, retrain_dir: Path, say) -> None:
         dcfg = distill_config(cfg, where)
         scored = where / "eval.json"
         if scored.exists():
+            saved = rundir.read_config(dcfg.run.save_path)
+            need(saved is not None and saved.flat() == dcfg.flat(),
+                 f"{where} holds a candidate retrained with other settings than these: give "
+                 "another retrain_dir (or remove it) to retrain with these")
             say(f"candidate {i + 1}/{len(top)} {row['name']}: retrained already ({scored})")
         else:
             say(f"candidate {i + 1}/{len(top)} {row['name']}: prune, distill {r.retrain_steps} "

@@ -16,16 +16,19 @@ _INHERITED = []  # a forked worker's references to its parent's process groups, 
 
 
 def _keep_inherited_groups() -> None:
-    """In a forked worker: hold on to every process group object the parent left behind (in
-    megatron's module globals, lru caches keyed by groups, objects not yet collected). Their
-    threads were not forked: freeing one here joins a thread id that is not this process's (or
-    is another one's now) and hangs. Kept for life; the worker leaves through os._exit."""
+    """In a forked worker: hold on to every process group object the parent left in a module
+    (``pare_nemo.parallel.destroy_distributed`` drops megatron's, so normally none). Their threads
+    were not forked: freeing one here joins threads that are not this process's and hangs. Kept
+    for life (the worker leaves through os._exit); inherited cycles are never collected here."""
     import gc
+    import sys
 
+    gc.freeze()
     pg = torch.distributed.ProcessGroup
-    for obj in gc.get_objects():  # every tracked container; a group is referenced from one
-        _INHERITED.extend(r for r in gc.get_referents(obj) if issubclass(type(r), pg))
-    gc.freeze()  # and inherited cycles are never collected here
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("megatron", "torch.distributed", "pare_nemo", "tests")):
+            _INHERITED.extend(v for v in list(vars(module).values())
+                              if issubclass(type(v), pg))
 
 
 def _entry(rank, world, port, fn, args, err_dir, forked=False):

@@ -245,6 +245,12 @@ def test_retrained_losses_at_tp2_equal_tp1(tmp_path, retrained):
     assert abs(got["loss_after"] - want["loss_after"]) <= 1e-5, (got, want)  # measured 1.5e-7
 
 
+def test_rerun_with_other_retraining_is_refused(retrained):
+    """A finished candidate is reused only for the same retraining settings."""
+    with pytest.raises(ValueError, match="retrained with other settings"):
+        search(**dict(retrained["kw"], retrain_steps=9))
+
+
 def test_retrain_bad_input(trained, scores, total, distill_env):
     kw = dict(megatron_path=str(trained["mg"]), scores_path=scores, budget=0.7 * total,
               tolerance=0.1, **ROWS, **GRID)
