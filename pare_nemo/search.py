@@ -56,6 +56,7 @@ from pare_nemo.config import (
 )
 from pare_nemo.olmo3 import bridge
 from pare_nemo.prune import depth_scores, num_params, plan, validate_scores
+from pare_nemo.rundir import write_json
 
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
 TARGETS = ("target_ffn_hidden_size", "target_num_attention_heads", "target_hidden_size",
@@ -380,7 +381,7 @@ def search(cfg: SearchConfig | None = None, **flat) -> str:
             result = zero_shot(cfg, c, scores, grid, candidates, skipped, say)
             if r.retrain_top and rank0:
                 retrain_dir.mkdir(parents=True, exist_ok=True)
-                _write_json(kept, {"key": _search_key(cfg), "result": result})
+                write_json(kept, {"key": _search_key(cfg), "result": result})
         if r.retrain_top:
             retrain(cfg, result, retrain_dir, say)
         ranked = result["candidates"]
@@ -389,7 +390,7 @@ def search(cfg: SearchConfig | None = None, **flat) -> str:
         result["chosen"] = best["name"]
         if rank0:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(out_path, result)
+            write_json(out_path, result)
             plot(result, out_path.with_suffix(".png"))
             _print(result, cfg.top, out_path)
         dist.barrier()
@@ -578,12 +579,6 @@ def retrain(cfg: SearchConfig, result: dict, retrain_dir: Path, say) -> None:
 
 
 # ---------------------------------------------------------------- output
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def plot(result: dict, path: Path) -> None:
