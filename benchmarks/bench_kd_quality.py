@@ -2,15 +2,17 @@
 which of distillation's options help. Everything runs through Pare's own stages (import,
 importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and caches.
 
-    uv run python benchmarks/bench_kd_quality.py             # the table (~1.5 h on 2 cores)
-    uv run python benchmarks/bench_kd_quality.py --quick     # a smoke run, under a minute
+    uv run python benchmarks/bench_kd_quality.py             # the table (TIME on 2 cores)
+    uv run python benchmarks/bench_kd_quality.py --quick     # a smoke run, about a minute
                                                              # (also PARE_BENCH_SMOKE=1; tested)
 
 1. Text every machine has without a hub: CPython's ``pydoc_data.topics`` and the docstrings of the
    standard library, numpy and torch of the locked environment, one document per module. Documents
    go to train / dev / test by a hash of their name.
-2. A teacher: a tiny Olmo 3 (8 layers, 3 sliding : 1 full attention, window 64), trained from
-   transformers' init with ``pare distill alpha=1`` (CE alone) on ``TEACHER_TOKENS`` train tokens.
+2. A teacher: a tiny Olmo 3 (8 layers, hidden 96, 3 sliding : 1 full attention, window 64),
+   trained from transformers' init with ``pare distill alpha=1`` (CE alone) on 2.13M train tokens,
+   520 steps of 16 x 256: the same batch and schedule as the 10x scratch row, so that row is the
+   student's architecture trained exactly as its teacher was.
 3. ``pare importance`` on train text, then three students: ``width`` (hidden and FFN pruned to 50 %
    of the non-embedding parameters), ``depth`` (4 of 8 layers by Block Influence) and
    ``depth_protect`` (the same, never dropping a full-attention layer).
@@ -23,8 +25,10 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
 5. ``pare eval`` on dev and on test documents (the same rows for every checkpoint): options are
    chosen on dev, reported on test, with the loss by position for the depth students.
 
-Time on 2 CPU cores: teacher ~10 min, each student run ~65 s (x 3 seeds x 20 rows), the 10x
-scratch runs ~6 min each, both evaluations ~3 min: about 1.5 h (``--seeds 1``: ~35 min).
+Runs go to ``--workers`` processes (default 2, one thread each: on 2 cores that trains 1.6x faster
+than one run with 2 threads), each run after what it needs; the teacher and the 10x scratch runs
+start first. Time on 2 CPU cores: teacher ~8 min, each student run ~1 min, a 10x scratch run
+~6 min, both evaluations ~3 min: TIME in all (``--seeds 1``: about a third).
 
 Writes ``<out>/results.json`` and ``<out>/kd_quality.png`` and prints the table. The teacher,
 scores and students are cached in ``<out>`` (delete it to rebuild); each run directory too (a run
@@ -55,30 +59,33 @@ sys.path.insert(0, str(ROOT))
 
 @dataclass(frozen=True)
 class Scale:
-    hidden: int = 128
-    ffn: int = 384
+    hidden: int = 96
+    ffn: int = 288
     layers: int = 8
-    heads: int = 4
+    heads: int = 3
+    head_dim: int = 32
     window: int = 64
     vocab: int = 2048
     seq: int = 256
-    teacher_batch: int = 32
-    teacher_steps: int = 260  # x 32 x 256 = 2.13M tokens
+    teacher_batch: int = 16  # the 10x scratch row's batch and schedule: the same steps and tokens
+    teacher_steps: int = 520  # x 16 x 256 = 2.13M tokens
     student_batch: int = 16
-    width_targets: tuple = (96, 304)  # hidden, FFN: 50.3 % of the non-embedding parameters
+    width_targets: tuple = (72, 152)  # hidden, FFN: 50.6 % of the non-embedding parameters
     eval_rows: int = 96
     importance_rows: int = 64
     seeds: tuple = (1, 2, 3)
     packages: tuple = ("numpy", "torch")  # docstrings beside the standard library's
+    workers: int = 2  # runs at once, one thread each (2 cores: 1.6x one 2-thread run's rate)
 
     @property
     def student_steps(self) -> int:  # 1/10 of the teacher's tokens
         return self.teacher_steps * self.teacher_batch // self.student_batch // 10
 
 
-QUICK = Scale(hidden=32, ffn=64, layers=4, heads=2, window=16, vocab=384, seq=64,
+QUICK = Scale(hidden=32, ffn=64, layers=4, heads=2, head_dim=16, window=16, vocab=384, seq=64,
               teacher_batch=8, teacher_steps=20, student_batch=4, width_targets=(24, 40),
               eval_rows=8, importance_rows=8, seeds=(1,), packages=())
+
 
 # KD options, one changed at a time from tiny_distill's defaults (the width student)
 ABLATIONS = {
@@ -147,23 +154,115 @@ def write_text(out: Path, scale: Scale) -> dict[str, Path]:
     return paths
 
 
+# ---------------------------------------------------------------- jobs
+
+
+RESTART_EVERY = 4  # jobs per worker process: a distill run leaks ~60 gloo threads and its
+#                   model (uncollectable in one process), and a worker slowed ~4x over 25 runs
+PRELOAD = ["pare_nemo.distill", "pare_nemo.eval", "pare_nemo.importance", "pare_nemo.prune",
+           "conversion.convert"]
+
+
+class Jobs:
+    """Runs the benchmark's jobs on ``workers`` processes, one thread each. A job starts once the
+    jobs in its ``after`` are done; of the jobs ready, the one asked for first starts first (so
+    the teacher goes before the 10x scratch runs). A job is a module-level function; what it
+    returns comes back through its Future. Workers are forked from a server that imported Pare's
+    stages once (``forkserver``), and replaced every ``RESTART_EVERY`` jobs. ``workers=1``: each
+    job runs when asked for, in this process."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+        import threading
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers, self.running, self.pending = workers, 0, []
+        self.lock = threading.RLock()
+        self.pool = None
+        if workers > 1:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            threads = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = "1"  # the server reads it as it starts, before torch
+            try:
+                self.pool = ProcessPoolExecutor(workers, mp_context=ctx,
+                                                max_tasks_per_child=RESTART_EVERY)
+                self.pool.submit(int).result()  # start the server now, with that variable
+            finally:
+                if threads is None:
+                    os.environ.pop("OMP_NUM_THREADS")
+                else:
+                    os.environ["OMP_NUM_THREADS"] = threads
+
+    def __call__(self, fn, *args, after=(), **kwargs):
+        from concurrent.futures import Future
+
+        future = Future()
+        if self.pool is None:  # asked for in order: what it needs has already run
+            for f in after:
+                f.result()
+            future.set_result(fn(*args, **kwargs))
+            return future
+        with self.lock:
+            self.pending.append((fn, args, kwargs, list(after), future))
+        for f in after:
+            f.add_done_callback(lambda _: self._start())
+        self._start()
+        return future
+
+    def _start(self) -> None:
+        with self.lock:
+            while self.running < self.workers:
+                job = next((j for j in self.pending if all(f.done() for f in j[3])), None)
+                if job is None:
+                    return
+                self.pending.remove(job)
+                fn, args, kwargs, after, future = job
+                failed = [f.exception() for f in after if f.exception()]
+                if failed:
+                    future.set_exception(failed[0])
+                    continue
+                self.running += 1
+                self.pool.submit(fn, *args, **kwargs).add_done_callback(
+                    lambda done, future=future: self._finished(done, future))
+
+    def _finished(self, done, future) -> None:
+        with self.lock:
+            self.running -= 1
+        if done.exception():
+            future.set_exception(done.exception())
+        else:
+            future.set_result(done.result())
+        self._start()
+
+    def close(self, failed: bool = False) -> None:
+        if self.pool:
+            self.pending.clear()
+            if failed:  # stop the runs still going
+                for p in list(getattr(self.pool, "_processes", {}).values()):
+                    p.terminate()
+            self.pool.shutdown(wait=not failed, cancel_futures=True)
+
+
 # ---------------------------------------------------------------- models
 
 
-def hf_config(scale: Scale, tokenizer):
+def hf_config(scale: Scale, tokenizer, hidden: int | None = None, ffn: int | None = None):
+    """The teacher's shape, or the width student's (``hidden``, ``ffn``; heads and head size
+    stay the teacher's, as pruning keeps them)."""
     from pare_nemo.tiny import tiny_config
 
-    c = tiny_config(vocab_size=len(tokenizer), hidden_size=scale.hidden,
-                    intermediate_size=scale.ffn, num_layers=scale.layers, num_heads=scale.heads,
-                    sliding_window=scale.window)
+    c = tiny_config(vocab_size=len(tokenizer), hidden_size=hidden or scale.hidden,
+                    intermediate_size=ffn or scale.ffn, num_layers=scale.layers,
+                    num_heads=scale.heads, head_dim=scale.head_dim, sliding_window=scale.window)
     c.pad_token_id, c.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     return c
 
 
-def random_init(config, tokenizer, path: Path, seed: int = 0) -> str:
-    """A Megatron checkpoint of ``config`` from transformers' init."""
+def random_init(config, tok_dir: str, path: Path, seed: int = 0) -> str:
+    """A Megatron checkpoint of ``config`` from transformers' init (a job)."""
     import torch
-    from transformers import Olmo3ForCausalLM
+    from transformers import AutoTokenizer, Olmo3ForCausalLM
 
     from conversion.convert import import_hf
 
@@ -171,37 +270,102 @@ def random_init(config, tokenizer, path: Path, seed: int = 0) -> str:
     if not (mg / "model_config.json").exists():
         torch.manual_seed(seed)
         Olmo3ForCausalLM(config).save_pretrained(path / "hf")
-        tokenizer.save_pretrained(path / "hf")
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path / "hf")
         import_hf(str(path / "hf"), str(mg), overwrite=True)
     return str(mg)
 
 
 def train(student: str, save: Path, data: str, scale: Scale, steps: int, batch: int, seed: int,
           teacher: str | None = None, lr: float = 3e-3, warmup: float = 0.1, **kd) -> str:
-    """One ``pare distill`` run (``alpha=1`` and no teacher: CE alone); a finished run is reused."""
+    """One ``pare distill`` run (``alpha=1`` and no teacher: CE alone); a finished run is reused.
+    (A job.)"""
     from pare_nemo.distill import distill
 
     if (save / "done").exists():
         return str(save)
+    t0 = time.time()
     distill(student_path=student, teacher_path=teacher, data=data, save_path=str(save),
             seed=seed, train_steps=steps, global_batch_size=batch,
             micro_batch_size=min(batch, 8), seq_length=scale.seq, lr=lr, min_lr=lr / 10,
             warmup_steps=int(warmup * steps), save_interval=steps, log_interval=max(steps // 4, 1),
             tensorboard=False, dtype="float32", **kd)
-    (save / "done").touch()
+    (save / "done").write_text(f"{time.time() - t0:.1f}\n")  # seconds, for the time table
     return str(save)
+
+
+def score(model: str, scores: Path, text: str, scale: Scale, layer_loss_samples: int) -> str:
+    """``pare importance`` on train text (a job)."""
+    from pare_nemo.importance import importance
+
+    if not scores.exists():
+        importance(megatron_path=model, scores_path=str(scores), data=text,
+                   num_samples=scale.importance_rows, seq_length=scale.seq, micro_batch_size=8,
+                   layer_loss_samples=layer_loss_samples, report=False)
+    return str(scores)
+
+
+def pruned(model: str, scores: str, path: Path, **targets) -> str:
+    """``pare prune`` (a job)."""
+    from pare_nemo.prune import prune
+
+    if not (path / "model_config.json").exists():
+        prune(megatron_path=model, scores_path=scores, save_path=str(path), overwrite=True,
+              **targets)
+    return str(path)
+
+
+def students(teacher: str, scores_path: Path, text: str, out: Path, scale: Scale) -> dict:
+    """Importance on the teacher, then the three students (a job)."""
+    scores = score(teacher, scores_path, text, scale, layer_loss_samples=16)
+    hidden, ffn = scale.width_targets
+    return {name: pruned(teacher, scores, out / "pruned" / name, **targets) for name, targets in (
+        ("width", dict(target_hidden_size=hidden, target_ffn_hidden_size=ffn)),
+        ("depth", dict(target_num_layers=scale.layers // 2, layer_metric="layer")),
+        ("depth_protect", dict(target_num_layers=scale.layers // 2, layer_metric="layer",
+                               protect_full_attention=True)))}
+
+
+def iterative(teacher: str, scores: str, text: str, data: str, scale: Scale, seed: int,
+              save: Path) -> str:
+    """Prune halfway, distill half the tokens, score again, prune to the target, distill the
+    other half (a job)."""
+    hidden, ffn = scale.width_targets
+    half = dict(target_hidden_size=(scale.hidden + hidden) // 2 // 8 * 8,
+                target_ffn_hidden_size=(scale.ffn + ffn) // 2 // 8 * 8)
+    steps, batch = scale.student_steps, scale.student_batch
+    first = train(pruned(teacher, scores, save / "mid_pruned", **half), save / "round1", data,
+                  scale, steps // 2, batch, seed, teacher=teacher)
+    again = score(first, save / "round1_scores.pt", text, scale, layer_loss_samples=0)
+    final = pruned(first, again, save / "final_pruned", target_hidden_size=hidden,
+                   target_ffn_hidden_size=ffn)
+    return train(final, save / "round2", data, scale, steps - steps // 2, batch, seed,
+                 teacher=teacher)
+
+
+def evaluate_split(paths: list[str], text: str, result: Path, scale: Scale) -> dict:
+    """``pare eval`` of every checkpoint on one split's documents (a job): {path: eval row}."""
+    from pare_nemo.eval import evaluate
+
+    names = {p: f"c{i}" for i, p in enumerate(paths)}
+    stamp = result.with_suffix(".paths.json")
+    if not result.exists() or not stamp.exists() or json.loads(stamp.read_text()) != paths:
+        evaluate(checkpoints=",".join(f"{names[p]}:{p}" for p in paths), data=text,
+                 output=str(result), report=False, num_samples=scale.eval_rows,
+                 seq_length=scale.seq, micro_batch_size=8, position_bucket=scale.window,
+                 overwrite=True)
+        stamp.write_text(json.dumps(paths))
+    by_name = {r["name"]: r for r in json.loads(result.read_text())}
+    return {p: by_name[names[p]] for p in paths}
 
 
 # ---------------------------------------------------------------- the benchmark
 
 
 def build(out: Path, scale: Scale, say) -> dict:
-    """Text, tokenizer, data, teacher, importance and the three pruned students (cached)."""
+    """Text, tokenizer and tokenized train data (cached; here, before any job)."""
     from transformers import AutoTokenizer
 
     from pare_nemo.data import prepare_data
-    from pare_nemo.importance import importance
-    from pare_nemo.prune import prune
     from pare_nemo.tiny import make_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -214,127 +378,72 @@ def build(out: Path, scale: Scale, say) -> dict:
     data = out / "data" / "train"
     if not data.with_suffix(".bin").exists():
         prepare_data(str(text["train"]), str(tok_dir), str(data))
-    meta = json.loads(data.with_suffix(".json").read_text())
-    say(f"text: train {meta.get('tokens', '?')} tokens; dev/test: {text['dev']}, "
-        f"{text['test']}")
-    config = hf_config(scale, tokenizer)
-    t0 = time.time()
-    teacher = train(random_init(config, tokenizer, out / "teacher_init"), out / "teacher",
-                    str(data), scale, scale.teacher_steps, scale.teacher_batch, seed=0,
-                    alpha=1.0)
-    say(f"teacher: {scale.teacher_steps * scale.teacher_batch * scale.seq} tokens "
-        f"({time.time() - t0:.0f} s)")
-    scores = out / "scores.pt"
-    if not scores.exists():
-        importance(megatron_path=teacher, scores_path=str(scores), data=str(text["train"]),
-                   num_samples=scale.importance_rows, seq_length=scale.seq, micro_batch_size=8,
-                   layer_loss_samples=16, report=False)
-    students = {}
-    hidden, ffn = scale.width_targets
-    for name, targets in (
-            ("width", dict(target_hidden_size=hidden, target_ffn_hidden_size=ffn)),
-            ("depth", dict(target_num_layers=scale.layers // 2, layer_metric="layer")),
-            ("depth_protect", dict(target_num_layers=scale.layers // 2, layer_metric="layer",
-                                   protect_full_attention=True))):
-        path = out / "pruned" / name
-        if not (path / "model_config.json").exists():
-            prune(megatron_path=teacher, scores_path=str(scores), save_path=str(path),
-                  overwrite=True, **targets)
-        students[name] = str(path)
-    return dict(text=text, data=str(data), tokenizer=tokenizer, teacher=teacher, scores=scores,
-                students=students, config=config)
+    say(f"text: {', '.join(f'{k} {v.stat().st_size / 1e6:.1f} MB' for k, v in text.items())}")
+    return dict(text={k: str(v) for k, v in text.items()}, data=str(data), tok_dir=str(tok_dir),
+                tokenizer=tokenizer)
 
 
-def runs(out: Path, scale: Scale, env: dict, say) -> dict[str, list[str]]:
-    """Every row's checkpoints, one per seed (the teacher and zero-shot rows: one)."""
-    from pare_nemo.checkpoint import read_model_config
-    from pare_nemo.importance import importance
-    from pare_nemo.prune import prune
-
+def runs(out: Path, scale: Scale, env: dict, jobs: Jobs, say) -> dict[str, list[str]]:
+    """Every row's checkpoints, one per seed (the teacher and zero-shot rows: one). Jobs are asked
+    for in the order they should start: the teacher, then the 10x scratch runs (which need no
+    teacher), then what waits for the teacher."""
     steps, batch, data = scale.student_steps, scale.student_batch, env["data"]
-    teacher, st = env["teacher"], env["students"]
-    rows: dict[str, list[str]] = {"teacher": [teacher]}
-    rows |= {f"{s}: zero-shot": [p] for s, p in st.items()}
-    width_cfg, _, _ = read_model_config(st["width"])
-    scratch = random_init(width_cfg, env["tokenizer"], out / "scratch_init")
+    tok, text = env["tok_dir"], env["text"]["train"]
+    t0 = time.time()
+    teacher, corrected = str(out / "teacher"), str(out / "teacher_corrected")
+    st = {s: str(out / "pruned" / s) for s in ("width", "depth", "depth_protect")}
+    teacher_init = jobs(random_init, hf_config(scale, env["tokenizer"]), tok, out / "teacher_init")
+    scratch_init = jobs(random_init, hf_config(scale, env["tokenizer"], *scale.width_targets),
+                        tok, out / "scratch_init")
+    trained = jobs(train, str(out / "teacher_init" / "megatron"), out / "teacher", data, scale,
+                   scale.teacher_steps, scale.teacher_batch, 0, alpha=1.0, after=[teacher_init])
+    planned: dict[str, list] = {}
 
-    def each(name, fn):
-        t0 = time.time()
+    def each(name, fn, *args, after=(), **kwargs):  # one job per seed
         folder = re.sub(r"[^A-Za-z0-9.=]+", "_", name).strip("_")
-        rows[name] = [fn(seed, out / "runs" / folder / f"seed{seed}") for seed in scale.seeds]
-        say(f"{name}: {time.time() - t0:.0f} s")
+        planned[name] = [jobs(fn, *args, seed=seed, save=out / "runs" / folder / f"seed{seed}",
+                              after=after, **kwargs) for seed in scale.seeds]
 
+    scratch = str(out / "scratch_init" / "megatron")
+    each("width arch: random init, 10x tokens", train, scratch, data=data, scale=scale,
+         steps=10 * steps, batch=batch, alpha=1.0, after=[scratch_init])
+    made = jobs(students, teacher, out / "scores.pt", text, out, scale, after=[trained])
+    kd = dict(data=data, scale=scale, steps=steps, batch=batch)
     for s in st:
-        each(f"{s}: KD", lambda seed, d, s=s: train(st[s], d, data, scale, steps, batch, seed,
-                                                    teacher=teacher))
-    each("width: CE fine-tune", lambda seed, d: train(st["width"], d, data, scale, steps, batch,
-                                                      seed, alpha=1.0))
-    each("width arch: random init", lambda seed, d: train(scratch, d, data, scale, steps, batch,
-                                                          seed, alpha=1.0))
-    each("width arch: random init, 10x tokens",
-         lambda seed, d: train(scratch, d, data, scale, 10 * steps, batch, seed, alpha=1.0))
+        each(f"{s}: KD", train, st[s], teacher=teacher, after=[made], **kd)
+    each("width: CE fine-tune", train, st["width"], alpha=1.0, after=[made], **kd)
+    each("width arch: random init", train, scratch, alpha=1.0, after=[scratch_init], **kd)
     for name, opts in ABLATIONS.items():
         opts = dict(opts)
         lr = 3e-3 * opts.pop("lr_scale", 1.0)
-        warmup = opts.pop("warmup", 0.1)
-        each(f"width: KD, {name}",
-             lambda seed, d, o=opts, lr=lr, w=warmup: train(st["width"], d, data, scale, steps,
-                                                            batch, seed, teacher=teacher, lr=lr,
-                                                            warmup=w, **o))
-    corrected = train(teacher, out / "teacher_corrected", data, scale, steps, batch, seed=0,
-                      alpha=1.0, lr=3e-4)
-    each("width: KD, teacher correction",
-         lambda seed, d: train(st["width"], d, data, scale, steps, batch, seed,
-                               teacher=corrected))
+        each(f"width: KD, {name}", train, st["width"], teacher=teacher, lr=lr,
+             warmup=opts.pop("warmup", 0.1), after=[made], **kd, **opts)
+    fixed = jobs(train, teacher, out / "teacher_corrected", data, scale, steps, batch, 0,
+                 alpha=1.0, lr=3e-4, after=[trained])
+    each("width: KD, teacher correction", train, st["width"], teacher=corrected,
+         after=[made, fixed], **kd)
+    each("width: KD, iterative pruning (2 rounds)", iterative, teacher, str(out / "scores.pt"),
+         text, data, scale, after=[made])
 
-    hidden, ffn = scale.width_targets
-
-    def iterative(seed, d):  # prune halfway, distill, score again, prune to the target, distill
-        half = dict(target_hidden_size=(scale.hidden + hidden) // 2 // 8 * 8,
-                    target_ffn_hidden_size=(scale.ffn + ffn) // 2 // 8 * 8)
-        mid = d / "mid_pruned"
-        if not (mid / "model_config.json").exists():
-            prune(megatron_path=teacher, scores_path=str(env["scores"]), save_path=str(mid),
-                  overwrite=True, **half)
-        first = train(str(mid), d / "round1", data, scale, steps // 2, batch, seed,
-                      teacher=teacher)
-        scores = d / "round1_scores.pt"
-        if not scores.exists():
-            importance(megatron_path=first, scores_path=str(scores),
-                       data=str(env["text"]["train"]), num_samples=scale.importance_rows,
-                       seq_length=scale.seq, micro_batch_size=8, layer_loss_samples=0,
-                       report=False)
-        final = d / "final_pruned"
-        if not (final / "model_config.json").exists():
-            prune(megatron_path=first, scores_path=str(scores), save_path=str(final),
-                  overwrite=True, target_hidden_size=hidden, target_ffn_hidden_size=ffn)
-        return train(str(final), d / "round2", data, scale, steps - steps // 2, batch, seed,
-                     teacher=teacher)
-
-    each("width: KD, iterative pruning (2 rounds)", iterative)
+    rows: dict[str, list[str]] = {"teacher": [trained.result()]}
+    made.result()
+    rows |= {f"{s}: zero-shot": [p] for s, p in st.items()}
+    ten_x = "width arch: random init, 10x tokens"
+    order = [n for n in planned if n != ten_x]  # the table's order: 10x after 1x
+    order.insert(order.index("width arch: random init") + 1, ten_x)
+    for name in order:
+        rows[name] = [f.result() for f in planned[name]]
+    say(f"every run done ({time.time() - t0:.0f} s)")
     return rows
 
 
-def evaluate_rows(out: Path, scale: Scale, env: dict, rows: dict[str, list[str]]) -> dict:
-    """{split: {checkpoint path: eval.json row}} on dev and test documents."""
-    from pare_nemo.eval import evaluate
-
+def evaluate_rows(out: Path, scale: Scale, env: dict, rows: dict[str, list[str]],
+                  jobs: Jobs) -> dict:
+    """{split: {checkpoint path: eval.json row}} on dev and test documents (two jobs)."""
     paths = sorted({p for ps in rows.values() for p in ps})
-    names = {p: f"c{i}" for i, p in enumerate(paths)}
-    found = {}
-    for split in ("dev", "test"):
-        result = out / f"eval_{split}.json"
-        if not result.exists() or set(json.loads((out / "eval_paths.json").read_text())
-                                       if (out / "eval_paths.json").exists() else []) \
-                != set(paths):
-            evaluate(checkpoints=",".join(f"{names[p]}:{p}" for p in paths),
-                     data=str(env["text"][split]), output=str(result), report=False,
-                     num_samples=scale.eval_rows, seq_length=scale.seq, micro_batch_size=8,
-                     position_bucket=scale.window, overwrite=True)
-        by_name = {r["name"]: r for r in json.loads(result.read_text())}
-        found[split] = {p: by_name[names[p]] for p in paths}
-    (out / "eval_paths.json").write_text(json.dumps(paths))
-    return found
+    found = {split: jobs(evaluate_split, paths, env["text"][split], out / f"eval_{split}.json",
+                         scale) for split in ("dev", "test")}
+    return {split: f.result() for split, f in found.items()}
 
 
 def summarize(rows: dict[str, list[str]], evals: dict) -> list[dict]:
@@ -409,11 +518,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="cache and results (default: bench_kd_quality/;"
                                                 " --quick: a temporary directory)")
     ap.add_argument("--seeds", default=None, help="data-order seeds, e.g. 1,2,3")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs at once, one thread each (default 2; 1: in this process)")
     args = ap.parse_args(argv)
     quick = args.quick or bool(os.environ.get("PARE_BENCH_SMOKE"))
     scale = QUICK if quick else Scale()
     if args.seeds:
         scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.workers:
+        scale = replace(scale, workers=args.workers)
     out = Path(args.out or (tempfile.mkdtemp(prefix="bench_kd_quality_") if quick
                             else "bench_kd_quality"))
     t0 = time.time()
@@ -422,8 +535,13 @@ def main(argv=None) -> dict:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
     env = build(out, scale, say)
-    rows = runs(out, scale, env, say)
-    table = summarize(rows, evaluate_rows(out, scale, env, rows))
+    jobs, failed = Jobs(scale.workers), True
+    try:
+        rows = runs(out, scale, env, jobs, say)
+        table = summarize(rows, evaluate_rows(out, scale, env, rows, jobs))
+        failed = False
+    finally:
+        jobs.close(failed)
     print_table(table, scale)
     bad = [e["row"] for e in table if not (math.isfinite(e["dev"]) and math.isfinite(e["test"]))]
     assert not bad and len(table) == 10 + len(ABLATIONS) + 2, f"rows missing or not finite: {bad}"
