@@ -59,11 +59,10 @@ SUBSTITUTIONS = {
     "layers=[24,28,32]": "layers=[3,4]",
     "recipe=olmo3_7b_distill_width": "recipe=tiny_distill train_steps=10",
     "recipe=olmo3_7b_teacher_logits": "recipe=tiny_teacher_logits train_steps=10",
-    "recipe=olmo3_7b_teacher_correction": "recipe=tiny_distill train_steps=10 alpha=1 "
-        "teacher_path=none intermediate_loss=none embedding_weight=0",
+    "recipe=olmo3_7b_teacher_correction":
+        "recipe=tiny_distill train_steps=10 alpha=1 teacher_path=none",
     # tiny_distill adds intermediate losses (measured), which need a teacher model beside it
-    "teacher_path=none teacher_logits=":
-        "intermediate_loss=none embedding_weight=0 teacher_path=none teacher_logits=",
+    "teacher_path=none": "teacher_path=none intermediate_loss=none embedding_weight=0",
     "num_workers=8": "num_workers=2",
     "num_samples=256": "num_samples=8",
     # lm-eval's tasks need the Hub: Pare's local task, a few documents, short generations
