@@ -2,7 +2,7 @@
 which of distillation's options help. Everything runs through Pare's own stages (import,
 importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and caches.
 
-    uv run python benchmarks/bench_kd_quality.py             # the table (TIME on 2 cores)
+    uv run python benchmarks/bench_kd_quality.py             # the table (~1 h on 2 cores)
     uv run python benchmarks/bench_kd_quality.py --quick     # a smoke run, about a minute
                                                              # (also PARE_BENCH_SMOKE=1; tested)
 
@@ -28,7 +28,7 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
 Runs go to ``--workers`` processes (default 2, one thread each: on 2 cores that trains 1.6x faster
 than one run with 2 threads), each run after what it needs; the teacher and the 10x scratch runs
 start first. Time on 2 CPU cores: teacher ~8 min, each student run ~1 min, a 10x scratch run
-~6 min, both evaluations ~3 min: TIME in all (``--seeds 1``: about a third).
+~6 min, both evaluations ~3 min: ~46-50 min projected for the whole run alone (``--seeds 1``: about a third).
 
 Writes ``<out>/results.json`` and ``<out>/kd_quality.png`` and prints the table. The teacher,
 scores and students are cached in ``<out>`` (delete it to rebuild); each run directory too (a run
