@@ -28,7 +28,8 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
 Runs go to ``--workers`` processes (default 2, one thread each: on 2 cores that trains 1.6x faster
 than one run with 2 threads), each run after what it needs; the teacher and the 10x scratch runs
 start first. Time on 2 CPU cores: teacher ~8 min, each student run ~1 min, a 10x scratch run
-~6 min, both evaluations ~3 min: ~46-50 min projected for the whole run alone (``--seeds 1``: about a third).
+~6 min, both evaluations ~3 min: ~46-50 min projected for the whole run alone (``--seeds 1``:
+about a third).
 
 Writes ``<out>/results.json`` and ``<out>/kd_quality.png`` and prints the table. The teacher,
 scores and students are cached in ``<out>`` (delete it to rebuild); each run directory too (a run
@@ -289,7 +290,7 @@ def train(student: str, save: Path, data: str, scale: Scale, steps: int, batch: 
             micro_batch_size=min(batch, 8), seq_length=scale.seq, lr=lr, min_lr=lr / 10,
             warmup_steps=int(warmup * steps), save_interval=steps, log_interval=max(steps // 4, 1),
             tensorboard=False, dtype="float32", **kd)
-    (save / "done").write_text(f"{time.time() - t0:.1f}\n")  # seconds, for the time table
+    (save / "done").write_text(f"{time.time() - t0:.1f}\n")  # the run's seconds
     return str(save)
 
 
