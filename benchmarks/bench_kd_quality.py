@@ -158,8 +158,6 @@ def write_text(out: Path, scale: Scale) -> dict[str, Path]:
 # ---------------------------------------------------------------- jobs
 
 
-RESTART_EVERY = 4  # jobs per worker process: a distill run leaks ~60 gloo threads and its
-#                   model (uncollectable in one process), and a worker slowed ~4x over 25 runs
 PRELOAD = ["pare_nemo.distill", "pare_nemo.eval", "pare_nemo.importance", "pare_nemo.prune",
            "conversion.convert"]
 
@@ -169,8 +167,8 @@ class Jobs:
     jobs in its ``after`` are done; of the jobs ready, the one asked for first starts first (so
     the teacher goes before the 10x scratch runs). A job is a module-level function; what it
     returns comes back through its Future. Workers are forked from a server that imported Pare's
-    stages once (``forkserver``), and replaced every ``RESTART_EVERY`` jobs. ``workers=1``: each
-    job runs when asked for, in this process."""
+    stages once (``forkserver``); each runs job after job. ``workers=1``: each job runs when asked
+    for, in this process."""
 
     def __init__(self, workers: int):
         import multiprocessing as mp
@@ -186,8 +184,7 @@ class Jobs:
             threads = os.environ.get("OMP_NUM_THREADS")
             os.environ["OMP_NUM_THREADS"] = "1"  # the server reads it as it starts, before torch
             try:
-                self.pool = ProcessPoolExecutor(workers, mp_context=ctx,
-                                                max_tasks_per_child=RESTART_EVERY)
+                self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
                 self.pool.submit(int).result()  # start the server now, with that variable
             finally:
                 if threads is None:

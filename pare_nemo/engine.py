@@ -8,8 +8,8 @@ Training is done with megatron-core's own machinery, as Megatron-LM's ``pretrain
   ``DistributedDataParallel`` (contiguous fp32 gradient buffers, reduce-scattered over DP), builds
   megatron's distributed optimizer (Adam on fp32 main params, its state sharded over DP, gradient
   clipping) and an ``OptimizerParamScheduler`` (linear warmup, cosine decay), and sets the
-  ``TransformerConfig`` hooks the schedules call (``finalize_model_grads_func``,
-  ``grad_scale_func``; with ``overlap_grad_reduce`` also ``no_sync_func``, ``grad_sync_func``).
+  ``TransformerConfig`` hooks the schedules call (``finalize_model_grads_func``; with
+  ``overlap_grad_reduce`` also ``no_sync_func``, ``grad_sync_func``).
 - ``run_step`` runs one iteration: ``get_forward_backward_func()`` over the micro-batches
   (any PP), ``finalize_model_grads`` (DP reduce-scatter, TP/PP all-reduces of replicated weights,
   division by the global number of loss tokens), ``optimizer.step()`` (which all-gathers the
@@ -295,9 +295,13 @@ def setup_training(model, optimizer, train_steps: int, overlap_grad_reduce: bool
         lr_decay_style="cosine", start_wd=opt.weight_decay, end_wd=opt.weight_decay,
         wd_incr_steps=train_steps, wd_incr_style="constant")
 
-    # the hooks megatron's schedules read from the config (training.py sets the same)
+    # the hooks megatron's schedules read from the config (training.py sets the same). No
+    # grad_scale_func: without fp16 the loss scale is 1, the schedules' default when it is unset.
+    # Setting it to the optimizer's bound method would close a cycle that runs through autograd's
+    # C++ graph (the fp32 optimizer's param shards are views of the params, their grad_fn reaching
+    # DDP's AccumulateGrad hooks), which gc cannot see: a finished run would keep its model, DDP,
+    # optimizer and gloo threads alive in a process that runs stage after stage.
     config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = megatron_optimizer.scale_loss
     if overlap_grad_reduce:
         no_sync = [c.no_sync for c in chunks]
         grad_sync = [c.start_grad_sync for c in chunks]

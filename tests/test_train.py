@@ -100,3 +100,44 @@ def test_dp2_follows_tp1(setup):
     # the distributed optimizer shards the fp32 main params (and Adam state) over DP
     assert sum(r["main_numel"]) == r["model_numel"] and max(r["main_numel"]) < r["model_numel"]
     check_follows(r, ref, 1e-4, "DP=2")
+
+
+def test_finished_training_frees_its_model(setup):
+    """A process that trains run after run (the demo, the search's retraining, the benchmarks)
+    gets back each run's model, DDP buffers, optimizer and process groups once the run's objects
+    are dropped: nothing that megatron or Pare keeps (in the model config, say) closes a cycle
+    through autograd's C++ graph, where gc cannot see it. fp32 params, as on CPU: megatron's
+    optimizer then keeps views of the params whose grad_fn reaches DDP's hooks."""
+    import gc
+    import weakref
+
+    from pare_nemo.checkpoint import load_model
+    from pare_nemo.config import Optimizer
+    from pare_nemo.engine import setup_training, train_step
+    from pare_nemo.parallel import distributed
+
+    ckpt, tokens, mask, _ = setup
+
+    def threads():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("Threads"))
+                   .split()[1])
+
+    def one_run():
+        with distributed(1, 1):
+            model, hf_config = load_model(ckpt, parallel_output=True, dtype=torch.float32,
+                                          calculate_per_token_loss=True)
+            chunks, optimizer, scheduler = setup_training(model, Optimizer(lr=1e-3, warmup_steps=0), 2)
+            for _ in range(2):
+                r = train_step(chunks, optimizer, scheduler, tokens[:4], mask[:4],
+                               hf_config.vocab_size, micro_batch_size=2)
+            assert not r.skipped
+            return weakref.ref(model), weakref.ref(chunks[0]), weakref.ref(optimizer)
+
+    refs = one_run()  # the first run starts the process's lasting threads (OpenMP, ...)
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3
+    before = threads()
+    refs = one_run()
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3
+    assert threads() <= before  # the run's gloo threads are gone with its groups
