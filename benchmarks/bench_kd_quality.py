@@ -10,8 +10,8 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
    standard library, numpy and torch of the locked environment, one document per module. Documents
    go to train / dev / test by a hash of their name.
 2. A teacher: a tiny Olmo 3 (8 layers, hidden 96, 3 sliding : 1 full attention, window 64),
-   trained from transformers' init with ``pare distill alpha=1`` (CE alone) on 2.13M train tokens,
-   520 steps of 16 x 256: the same batch and schedule as the 10x scratch row, so that row is the
+   trained from transformers' init with ``pare distill alpha=1`` (CE alone) on 2.01M train tokens,
+   490 steps of 16 x 256: the same batch and schedule as the 10x scratch row, so that row is the
    student's architecture trained exactly as its teacher was.
 3. ``pare importance`` on train text, then three students: ``width`` (hidden and FFN pruned to 50 %
    of the non-embedding parameters), ``depth`` (4 of 8 layers by Block Influence) and
@@ -69,7 +69,7 @@ class Scale:
     vocab: int = 2048
     seq: int = 256
     teacher_batch: int = 16  # the 10x scratch row's batch and schedule: the same steps and tokens
-    teacher_steps: int = 520  # x 16 x 256 = 2.13M tokens
+    teacher_steps: int = 490  # x 16 x 256 = 2.01M tokens
     student_batch: int = 16
     width_targets: tuple = (72, 152)  # hidden, FFN: 50.6 % of the non-embedding parameters
     eval_rows: int = 96
