@@ -2,7 +2,7 @@
 which of distillation's options help. Everything runs through Pare's own stages (import,
 importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and caches.
 
-    uv run python benchmarks/bench_kd_quality.py             # the table (~1 h on 2 cores)
+    uv run python benchmarks/bench_kd_quality.py             # the table (~40 min on 2 cores)
     uv run python benchmarks/bench_kd_quality.py --quick     # a smoke run, about a minute
                                                              # (also PARE_BENCH_SMOKE=1; tested)
 
@@ -16,8 +16,9 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
 3. ``pare importance`` on train text, then three students: ``width`` (hidden and FFN pruned to 50 %
    of the non-embedding parameters), ``depth`` (4 of 8 layers by Block Influence) and
    ``depth_protect`` (the same, never dropping a full-attention layer).
-4. Rows, each over the data-order seeds (``Data.seed``): the teacher; each student zero-shot; KD at
-   ``tiny_distill``'s KD defaults on 1/10 of the teacher's tokens; CE fine-tuning of the pruned
+4. Rows, each over the data-order seeds (``Data.seed``): the teacher; each student zero-shot; KD
+   on 1/10 of the teacher's tokens at ``KD()``'s defaults (logit forward KL, T=1, no CE, no
+   intermediate losses: the papers' width recipe); CE fine-tuning of the pruned
    weights; the width architecture from random init on the same tokens and on the teacher's 10x;
    then one option changed at a time (temperature, top-k, reverse KL, JSD, alpha, intermediate +
    embedding losses with and without balance / projection, learning rate x0.3 / x3, warmup,
@@ -27,9 +28,9 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
 
 Runs go to ``--workers`` processes (default 2, one thread each: on 2 cores that trains 1.6x faster
 than one run with 2 threads), each run after what it needs; the teacher and the 10x scratch runs
-start first. Time on 2 CPU cores: teacher ~8 min, each student run ~1 min, a 10x scratch run
-~6 min, both evaluations ~3 min: ~46-50 min projected for the whole run alone (``--seeds 1``:
-about a third).
+start first. Measured alone on 2 CPU cores (2026-12-07): 38 min in all; the teacher 7 min, a 10x
+scratch run 5.5 min, a student run 34-59 s, both evaluations ~2 min (``--seeds 1``: about a
+third).
 
 Writes ``<out>/results.json`` and ``<out>/kd_quality.png`` and prints the table. The teacher,
 scores and students are cached in ``<out>`` (delete it to rebuild); each run directory too (a run
@@ -88,7 +89,8 @@ QUICK = Scale(hidden=32, ffn=64, layers=4, heads=2, head_dim=16, window=16, voca
               eval_rows=8, importance_rows=8, seeds=(1,), packages=())
 
 
-# KD options, one changed at a time from tiny_distill's defaults (the width student)
+# KD options, one changed at a time from KD()'s defaults (the width student); the
+# intermediate + embedding row is tiny_distill's KD
 ABLATIONS = {
     "T=2": dict(temperature=2.0),
     "top_k=8": dict(top_k=8),
