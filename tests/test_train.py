@@ -126,7 +126,8 @@ def test_finished_training_frees_its_model(setup):
         with distributed(1, 1):
             model, hf_config = load_model(ckpt, parallel_output=True, dtype=torch.float32,
                                           calculate_per_token_loss=True)
-            chunks, optimizer, scheduler = setup_training(model, Optimizer(lr=1e-3, warmup_steps=0), 2)
+            chunks, optimizer, scheduler = setup_training(
+                model, Optimizer(lr=1e-3, warmup_steps=0), 2)
             for _ in range(2):
                 r = train_step(chunks, optimizer, scheduler, tokens[:4], mask[:4],
                                hf_config.vocab_size, micro_batch_size=2)
