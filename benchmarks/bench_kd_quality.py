@@ -18,11 +18,11 @@ importance, prune, distill, eval) on a tiny Olmo 3 that the benchmark builds and
    ``depth_protect`` (the same, never dropping a full-attention layer).
 4. Rows, each over the data-order seeds (``Data.seed``): the teacher; each student zero-shot; KD
    on 1/10 of the teacher's tokens at ``KD()``'s defaults (logit forward KL, T=1, no CE, no
-   intermediate losses: the papers' width recipe); CE fine-tuning of the pruned
-   weights; the width architecture from random init on the same tokens and on the teacher's 10x;
-   then one option changed at a time (temperature, top-k, reverse KL, JSD, alpha, intermediate +
-   embedding losses with and without balance / projection, learning rate x0.3 / x3, warmup,
-   teacher correction, iterative pruning in two rounds at half the tokens each).
+   intermediate losses: the papers' width recipe); CE fine-tuning of the pruned weights; the width
+   architecture from random init on the same tokens and on the teacher's 10x; then one option
+   changed at a time (temperature, top-k, reverse KL, JSD, alpha, intermediate + embedding losses
+   with and without balance / projection / alpha=0.5, learning rate x0.3 / x3, warmup, teacher
+   correction, iterative pruning in two rounds at half the tokens each).
 5. ``pare eval`` on dev and on test documents (the same rows for every checkpoint): options are
    chosen on dev, reported on test, with the loss by position for the depth students.
 
@@ -90,7 +90,7 @@ QUICK = Scale(hidden=32, ffn=64, layers=4, heads=2, head_dim=16, window=16, voca
 
 
 # KD options, one changed at a time from KD()'s defaults (the width student); the
-# intermediate + embedding row is tiny_distill's KD
+# intermediate + embedding row is tiny_distill's KD, and its alpha=0.5 row the two best together
 ABLATIONS = {
     "T=2": dict(temperature=2.0),
     "top_k=8": dict(top_k=8),
@@ -102,6 +102,8 @@ ABLATIONS = {
                                              balance=True),
     "+intermediate+embedding, projection": dict(intermediate_loss="cosine", embedding_weight=1.0,
                                                 hidden_match="projection"),
+    "+intermediate+embedding, alpha=0.5": dict(intermediate_loss="cosine", embedding_weight=1.0,
+                                               alpha=0.5),
     "lr x0.3": dict(lr_scale=0.3),
     "lr x3": dict(lr_scale=3.0),
     "no warmup": dict(warmup=0.0),
