@@ -207,9 +207,7 @@ class Jobs:
             return future
         with self.lock:
             self.pending.append((fn, args, kwargs, list(after), future))
-        for f in after:
-            f.add_done_callback(lambda _: self._start())
-        self._start()
+        self._start()  # and again whenever a job ends (_finished): what waited may start then
         return future
 
     def _start(self) -> None:
@@ -316,11 +314,12 @@ def pruned(model: str, scores: str, path: Path, **targets) -> str:
     return str(path)
 
 
-def students(teacher: str, scores_path: Path, text: str, out: Path, scale: Scale) -> dict:
-    """Importance on the teacher, then the three students (a job)."""
+def students(teacher: str, scores_path: Path, text: str, paths: dict[str, str],
+             scale: Scale) -> dict:
+    """Importance on the teacher, then the three students at ``paths`` (a job)."""
     scores = score(teacher, scores_path, text, scale, layer_loss_samples=16)
     hidden, ffn = scale.width_targets
-    return {name: pruned(teacher, scores, out / "pruned" / name, **targets) for name, targets in (
+    return {name: pruned(teacher, scores, Path(paths[name]), **targets) for name, targets in (
         ("width", dict(target_hidden_size=hidden, target_ffn_hidden_size=ffn)),
         ("depth", dict(target_num_layers=scale.layers // 2, layer_metric="layer")),
         ("depth_protect", dict(target_num_layers=scale.layers // 2, layer_metric="layer",
@@ -409,7 +408,7 @@ def runs(out: Path, scale: Scale, env: dict, jobs: Jobs, say) -> dict[str, list[
     scratch = str(out / "scratch_init" / "megatron")
     each("width arch: random init, 10x tokens", train, scratch, data=data, scale=scale,
          steps=10 * steps, batch=batch, alpha=1.0, after=[scratch_init])
-    made = jobs(students, teacher, out / "scores.pt", text, out, scale, after=[trained])
+    made = jobs(students, teacher, out / "scores.pt", text, st, scale, after=[trained])
     kd = dict(data=data, scale=scale, steps=steps, batch=batch)
     for s in st:
         each(f"{s}: KD", train, st[s], teacher=teacher, after=[made], **kd)
